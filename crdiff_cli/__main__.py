@@ -1,0 +1,3 @@
+from crdiff_cli.cli import main
+
+main()

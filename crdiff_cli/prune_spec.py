@@ -1,0 +1,124 @@
+"""PruneSpec: ratios -> exact per-group thresholds, and the one call that applies them.
+
+A pruned UNet is fully determined by the dense weights, the target rule (:mod:`crdiff_cli.targets`)
+and three thresholds: in a group with ``n`` target weights and ratio ``r``, ``m = floor(n * r)``; if
+``m == 0`` the group is untouched, otherwise ``t`` is the m-th smallest ``|w|`` (in the weights' own
+dtype) and every weight with ``|w| <= t`` becomes zero (ties at ``t`` included). So the spec, not a
+second copy of the model, is what the live path, the search and the artifacts carry around.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from crdiff_cli.errors import CrdiffError
+from crdiff_cli.ratios import GROUPS, Ratios
+from crdiff_cli.selection import MagnitudeHistogram
+from crdiff_cli.targets import target_weights
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """One group's share of a spec: its ratio, threshold (None = untouched) and counts."""
+
+    ratio: float
+    layers: int
+    targets: int
+    threshold: float | None
+    pruned: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.targets if self.targets else 0.0
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Ratios plus the exact thresholds and counts they give on one model's dense weights."""
+
+    ratios: Ratios
+    groups: dict[str, GroupSpec]
+    dtype: str
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, ratios: Ratios) -> "PruneSpec":
+        return PruneStats(unet).spec(ratios)
+
+    def thresholds(self) -> dict[str, float | None]:
+        return {g: s.threshold for g, s in self.groups.items()}
+
+    def to_dict(self) -> dict:
+        return {"ratios": self.ratios.as_dict(), "dtype": self.dtype,
+                "groups": {g: asdict(s) for g, s in self.groups.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruneSpec":
+        return cls(Ratios.from_dict(data["ratios"]), {g: GroupSpec(**data["groups"][g]) for g in GROUPS},
+                   str(data["dtype"]))
+
+
+class PruneStats:
+    """Per-group magnitude statistics of a UNet's dense target weights, computed once.
+
+    Building it costs one streaming pass over the targets; after that, :meth:`spec` for any ratio set
+    costs at most one cheaper pass per group, which is what makes a search over ratios affordable.
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.weights = target_weights(unet)
+        with torch.no_grad():
+            self.histograms = {g: MagnitudeHistogram([p for _, p in ws]) for g, ws in self.weights.items() if ws}
+        dtypes = {str(h.dtype).removeprefix("torch.") for h in self.histograms.values()}
+        if len(dtypes) > 1:
+            raise CrdiffError(f"target weights have mixed dtypes {sorted(dtypes)}; load the model in one dtype")
+        self.dtype = dtypes.pop() if dtypes else "float32"
+        self._cache: dict[tuple[str, int], tuple[float, int]] = {}
+
+    def spec(self, ratios: Ratios) -> PruneSpec:
+        return PruneSpec(ratios, {g: self.group_spec(g, ratios[g]) for g in GROUPS}, self.dtype)
+
+    def group_spec(self, group: str, ratio: float) -> GroupSpec:
+        weights = self.weights[group]
+        n = sum(p.numel() for _, p in weights)
+        m = math.floor(n * ratio)
+        if m == 0:
+            return GroupSpec(ratio, len(weights), n, None, 0)
+        if (group, m) not in self._cache:
+            with torch.no_grad():
+                self._cache[(group, m)] = self.histograms[group].kth_smallest(m)
+        threshold, pruned = self._cache[(group, m)]
+        return GroupSpec(ratio, len(weights), n, threshold, pruned)
+
+
+def pruned_weight(weight: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """A new tensor: ``weight`` with every ``|w| <= threshold`` set to zero (a copy when untouched)."""
+    if threshold is None:
+        return weight.detach().clone()
+    return torch.where(weight.abs() > threshold, weight, 0.0)
+
+
+def check_matches(unet: nn.Module, spec: PruneSpec) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The UNet's target weights, after checking that the spec was computed on a UNet of this shape."""
+    weights = target_weights(unet)
+    for g in GROUPS:
+        n = sum(p.numel() for _, p in weights[g])
+        if n != spec.groups[g].targets:
+            raise CrdiffError(f"the prune spec was computed for a UNet with {spec.groups[g].targets} {g} target "
+                              f"weights, this one has {n}; recompute the spec on this model")
+    return weights
+
+
+def prune_(unet: nn.Module, spec: PruneSpec) -> nn.Module:
+    """Zero, in place, every target weight at or below its group's threshold; returns ``unet``."""
+    weights = check_matches(unet, spec)
+    with torch.no_grad():
+        for g in GROUPS:
+            threshold = spec.groups[g].threshold
+            if threshold is not None:
+                for _, p in weights[g]:
+                    p.masked_fill_(p.abs() <= threshold, 0.0)
+    return unet

@@ -1,0 +1,1 @@
+"""Artifact writers and readers for baked dual UNets (installed as ``crdiff_cli.exporters``)."""
