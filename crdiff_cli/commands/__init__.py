@@ -1,0 +1,1 @@
+"""One module per CLI command; each registers itself on ``crdiff_cli.cli.app`` when imported."""

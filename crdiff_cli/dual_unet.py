@@ -1,0 +1,136 @@
+"""The dual UNet: a dense UNet and its pruned twin, combined by pruned output amplification (POA).
+
+For the same inputs, with ``e_d`` the dense output and ``e_p`` the pruned output, the dual UNet returns
+``e = e_d + k * (e_p - e_d)`` (``k = 0`` dense, ``k = 1`` pruned, ``k > 1`` amplified). It is a
+drop-in ``unet`` for diffusers' Stable Diffusion pipelines, so every UNet call, both halves of a
+classifier-free-guidance batch included, goes through it.
+
+Memory: the twin is not a copy. Each target weight of the one UNet gets a PyTorch parametrization that
+returns the dense weight during the dense pass and the pruned weight during the pruned pass; every
+other parameter is simply the same tensor. The pruned weight is either a masked copy kept resident
+(``masks="copy"``: fastest, +targets' size) or computed per layer on the fly from the dense weight
+(``masks="on-the-fly"``: no resident copy, a ``where`` per layer per pass).
+
+Exactness: the combination uses ``torch.lerp``, which returns ``e_d`` exactly at ``k = 0``, ``e_p``
+exactly at ``k = 1`` and ``e_d`` exactly when both branches agree; ``k = 0`` and ``k = 1`` also skip the
+branch whose weight is zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from crdiff_cli.errors import CrdiffError
+from crdiff_cli.prune_spec import PruneSpec, check_matches, pruned_weight
+
+MASK_MODES = ("copy", "on-the-fly")
+
+
+class _Branch:
+    """Which branch the shared target weights currently serve (read by every parametrization)."""
+
+    pruned = False
+
+
+class _PrunedWeight(nn.Module):
+    """Parametrization of one target weight: the dense weight, or its pruned version in the pruned pass."""
+
+    def __init__(self, branch: _Branch):
+        super().__init__()
+        self.branch = branch
+        self.threshold: float | None = None
+        self.register_buffer("masked", None, persistent=False)
+
+    def set_threshold(self, original: torch.Tensor, threshold: float | None, copy: bool) -> None:
+        self.threshold = threshold
+        self.masked = pruned_weight(original, threshold) if copy and threshold is not None else None
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.branch.pruned or self.threshold is None:
+            return weight
+        if self.masked is not None:
+            return self.masked
+        return torch.where(weight.abs() > self.threshold, weight, 0.0)
+
+
+class DualUNet(nn.Module):
+    """A dense UNet plus its pruned twin (sharing all weights) returning ``e_d + k * (e_p - e_d)``.
+
+    The UNet is modified in place (parametrizations on the target weights) but computes exactly as
+    before outside the pruned pass; :meth:`release` removes the parametrizations and returns it.
+    """
+
+    def __init__(self, unet: nn.Module, spec: PruneSpec, k: float = 1.5, masks: str = "copy"):
+        super().__init__()
+        if masks not in MASK_MODES:
+            raise CrdiffError(f"unknown mask mode {masks!r}; use one of {', '.join(MASK_MODES)}")
+        self.unet = unet
+        self.k = float(k)
+        self.masks = masks
+        self._branch = _Branch()
+        self._params: dict[str, tuple[nn.Module, _PrunedWeight]] = {}
+        for group, weights in check_matches(unet, spec).items():
+            for name, _ in weights:
+                module = unet.get_submodule(name.removesuffix(".weight"))
+                param = _PrunedWeight(self._branch)
+                parametrize.register_parametrization(module, "weight", param, unsafe=True)
+                self._params[name] = (module, param)
+        self.spec: PruneSpec | None = None
+        self.set_spec(spec)
+
+    def set_spec(self, spec: PruneSpec) -> None:
+        """Switch to another ratio set's thresholds; only groups whose threshold changed are re-masked."""
+        from crdiff_cli.targets import group_of
+
+        old = self.spec.thresholds() if self.spec is not None else {}
+        new = spec.thresholds()
+        with torch.no_grad():
+            for name, (module, param) in self._params.items():
+                group = group_of(name.removesuffix(".weight"))
+                if group not in old or old[group] != new[group]:
+                    original = module.parametrizations.weight.original
+                    param.set_threshold(original, new[group], self.masks == "copy")
+        self.spec = spec
+
+    def forward(self, *args, **kwargs):
+        if self.k == 0 or all(t is None for t in self.spec.thresholds().values()):
+            return self.unet(*args, **kwargs)
+        if self.k == 1:
+            return self._pruned(*args, **kwargs)
+        dense = self.unet(*args, **kwargs)
+        pruned = self._pruned(*args, **kwargs)
+        if isinstance(dense, tuple):
+            return (torch.lerp(dense[0], pruned[0], self.k), *dense[1:])
+        dense.sample = torch.lerp(dense.sample, pruned.sample, self.k)
+        return dense
+
+    def _pruned(self, *args, **kwargs):
+        self._branch.pruned = True
+        try:
+            return self.unet(*args, **kwargs)
+        finally:
+            self._branch.pruned = False
+
+    def release(self) -> nn.Module:
+        """Remove the parametrizations (dense weights stay in place) and return the plain UNet."""
+        for module, _ in self._params.values():
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        self._params.clear()
+        return self.unet
+
+    def __getattr__(self, name: str):
+        # Pipelines read unet.config, unet.dtype, unet.add_embedding, ...: serve them from the dense UNet.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("unet"), name)
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes of all distinct tensors a module keeps (parameters and buffers, shared ones counted once)."""
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
