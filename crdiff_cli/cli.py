@@ -63,23 +63,9 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-def _not_yet(name: str):
-    @command
-    def stub():
-        raise CrdiffError(f"`crdiff {name}` is not implemented yet")
-    stub.__doc__ = f"({name}: not implemented yet)"
-    return stub
-
-
-for _name in ("search", "bake"):
-    app.command(_name)(_not_yet(_name))
-
-
-
-
 def main() -> None:
     app(prog_name="crdiff")
 
 
 # Register the commands (light modules: they import torch/diffusers only when run).
-from crdiff_cli.commands import generate as _generate, prune as _prune  # noqa: E402,F401
+from crdiff_cli.commands import bake, generate, prune, search  # noqa: E402,F401
