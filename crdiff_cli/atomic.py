@@ -40,17 +40,24 @@ def atomic_path(path: Path, overwrite: bool = False, *, directory: bool = False)
 
 
 def _replace(tmp: Path, path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+    exists = path.exists() or path.is_symlink()
+    if exists and (tmp.is_dir() or (path.is_dir() and not path.is_symlink())):
+        # rename() cannot put a folder over an existing file, nor anything over a non-empty folder:
+        # move the old output aside, put the new one in place (restoring the old one if that fails).
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            tmp.rename(path)
+        except BaseException:
+            old.rename(path)
+            raise
+        _remove(old)
     else:
         os.replace(tmp, path)
 
 
 def _remove(tmp: Path) -> None:
-    if tmp.is_dir():
+    if tmp.is_dir() and not tmp.is_symlink():
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.unlink(missing_ok=True)

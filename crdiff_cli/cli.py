@@ -12,6 +12,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from crdiff_cli import __version__
 from crdiff_cli.errors import CrdiffError
@@ -39,7 +40,7 @@ def command(fn):
         try:
             return fn(*args, **kwargs)
         except CrdiffError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted; nothing partial was written")
@@ -48,7 +49,7 @@ def command(fn):
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {message}", highlight=False)
+    err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 def _version(value: bool):
@@ -68,4 +69,4 @@ def main() -> None:
 
 
 # Register the commands (light modules: they import torch/diffusers only when run).
-from crdiff_cli.commands import bake, generate, prune, search  # noqa: E402,F401
+from crdiff_cli.commands import prune, search, bake, generate  # noqa: E402,F401,I001  (registration order = help order)

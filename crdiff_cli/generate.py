@@ -56,9 +56,12 @@ class ImageRecord:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per line (UTF-8); blank lines and ``#`` comments are skipped."""
+    """One prompt per line (UTF-8); blank lines and ``#`` comments are skipped.
+
+    A UTF-8 byte-order mark (Windows editors write one) is dropped, so it cannot hide a first ``#``.
+    """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise CrdiffError(f"prompts file {path} does not exist; pass a text file with one prompt per line") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -185,12 +188,12 @@ def run(pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings
         on_step: Callable[[], None] | None = None, on_image: Callable[[], None] | None = None) -> list[ImageRecord]:
     """Generate every (prompt, seed) into ``out_dir``; with ``compare`` also the dense image and a grid.
 
-    The caller applies ``settings.scheduler`` first (:func:`set_scheduler`). ``dual`` is the pipeline's DualUNet (None for a dense run); the dense image of a comparison is made
+    The caller applies ``settings.scheduler`` first (:func:`set_scheduler`). ``dual`` is the pipeline's DualUNet (None for a dense run, or for an ONNX artifact: ``model_info["mode"]`` names the variant); the dense image of a comparison is made
     with the same DualUNet at k = 0, which is the dense model bit for bit.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[ImageRecord] = []
-    variant = "dense" if dual is None else "crdiff"
+    variant = model_info.get("mode", "dense" if dual is None else "crdiff")  # an ONNX artifact has no DualUNet
 
     def emit(image, index, prompt, seed, kind, info):
         name = f"{index}_{seed}{'_dense' if kind == 'dense' and compare else ''}.png"

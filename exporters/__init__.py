@@ -1,1 +1,13 @@
-"""Artifact writers and readers for baked dual UNets (installed as ``crdiff_cli.exporters``)."""
+"""Baked dual-UNet artifacts (installed as ``crdiff_cli.exporters``; see docs/artifacts.md).
+
+One concept per module, data flowing one way:
+
+- :mod:`.metadata`: the self-description every artifact carries (spec, k, config, weights hash).
+- :mod:`.safetensors_artifact`: dense weights + metadata; loads back into the live PyTorch path.
+- :mod:`.onnx_graph`: the torch module traced into the dual graph, and the graph's inputs.
+- :mod:`.onnx_artifact`: the ONNX export (external data, metadata) and its structural checks.
+- :mod:`.onnx_runtime`: ONNX Runtime sessions (providers, mask folding) and the pipeline adapter.
+- :mod:`.validate`: comparing an artifact with the live dual UNet (Optimum-style named errors).
+- :mod:`.bake`: export, then validate, then rename into place.
+- :mod:`.artifacts`: artifacts by path: format, metadata, attaching one to a pipeline.
+"""

@@ -14,13 +14,16 @@ from crdiff_cli.errors import CrdiffError
 @app.command()
 @command
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    res: str = typer.Option(..., "--res", help=RES_HELP),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " With --artifact: the base model that "
+                              "supplies text encoders, tokenizers, VAE and scheduler."),
+    res: Optional[str] = typer.Option(None, "--res", help=RES_HELP + " Required, except with --artifact (default: "
+                                      "the artifact's)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.json (created if missing)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A UTF-8 file, one prompt per line (# comments)."),
-    k: float = typer.Option(1.5, "--k", help="POA coefficient: e = e_dense + k (e_pruned - e_dense). 0 = dense, "
-                            "1 = pruned only; default 1.5 (the reference implementation's), the paper's card uses 1.2."),
+    k: Optional[float] = typer.Option(None, "--k", help="POA coefficient: e = e_dense + k (e_pruned - e_dense). 0 = "
+                                      "dense, 1 = pruned only; default 1.5 (the reference implementation's; the "
+                                      "paper's card uses 1.2), with --artifact the artifact's."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help=RATIOS_HELP),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP + " Default: the paper's profile "
                                           "for the model family at --res (nearest resolution, with a warning)."),
@@ -36,26 +39,52 @@ def generate(
                                             "or unipc (default: the model's own)."),
     masks: str = typer.Option("copy", "--masks", help="Pruned twin: 'copy' (masked copies of the targets, "
                               "fastest) or 'on-the-fly' (no extra weights, slower)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs). Default fp32; "
+                                        "with a .safetensors artifact, the artifact's."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", help="A baked artifact (crdiff bake) whose UNet replaces "
+                                            "--model's: .safetensors runs on the live PyTorch path, .onnx through "
+                                            "ONNX Runtime. Its resolution, k and ratios are the defaults."),
+    provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime provider for an .onnx artifact: "
+                                           "tensorrt, cuda or cpu (default: the best available, in that order)."),
+    ort_fold_masks: bool = typer.Option(True, "--ort-fold-masks/--no-ort-fold-masks", help="ONNX Runtime: precompute "
+                                        "the pruned weights at load (fast, a second copy of the target weights in "
+                                        "memory) or mask them on every call (one copy, slower)."),
 ):
     """Text-to-image with CR-Diff (dense + pruned UNet combined by POA) on the live PyTorch path.
 
     Writes OUT/<prompt-index>_<seed>.png (generation parameters embedded as PNG text) and
-    OUT/manifest.json. Resolution is HEIGHTxWIDTH.
+    OUT/manifest.json. Resolution is HEIGHTxWIDTH. With --artifact, the baked UNet replaces the model's.
     """
+    from crdiff_cli.dual_unet import MASK_MODES
     from crdiff_cli.generate import GenerationSettings, check_k, read_prompts
     from crdiff_cli.models import torch_dtype
+    from crdiff_cli.profile_table import get_profile
     from crdiff_cli.ratios import Ratios
     from crdiff_cli.resolution import Resolution
 
-    resolution = Resolution.parse(res)
+    meta = _artifact_metadata(artifact, res, provider, ort_fold_masks)
+    resolution = Resolution.parse(res) if res is not None else meta.resolution
     if (prompt is None) == (prompts_file is None):
         raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
-    warning = check_k(k)
+    warning = check_k(k) if k is not None else None
     if ratios is not None:
         Ratios.parse(ratios)
+    elif profile is not None:
+        get_profile(profile)
+    if masks not in MASK_MODES:
+        raise CrdiffError(f"--masks {masks!r} is not a mask mode; use one of {', '.join(MASK_MODES)}")
+    wanted = None  # ratios asked for explicitly (an artifact brings its own)
+    if meta is not None:
+        from crdiff_cli.exporters.artifacts import check_run_options
+
+        wanted = Ratios.parse(ratios) if ratios is not None else get_profile(profile).ratios if profile else None
+        check_run_options(artifact, meta, k=k, ratios=wanted, dtype=str(torch_dtype(dtype)).removeprefix("torch.")
+                          if dtype else None, dense=dense, compare=compare, provider=provider, fold_masks=ort_fold_masks)
+        if artifact.suffix == ".safetensors" and meta.dtype == "float16":
+            dtype = dtype or "fp16"
+    dtype = dtype or "fp32"
     if num_images < 1:
         raise CrdiffError(f"--num-images {num_images} must be at least 1")
     if dense and compare:
@@ -76,13 +105,21 @@ def generate(
         loaded = load_model(model, dtype=dtype, device=device)
     info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device}
     dual = None
-    if dense:
+    if meta is not None:
+        from crdiff_cli.exporters.artifacts import attach_artifact
+
+        with err.status(f"loading {artifact}"):
+            dual, artifact_info = attach_artifact(loaded, artifact, meta, k=k, ratios=wanted, masks=masks,
+                                                  provider=provider, fold_masks=ort_fold_masks)
+        info.update(artifact_info)
+    elif dense:
         info.update(mode="dense", k=0.0)
     else:
         choice = choose_ratios(loaded.family, ratios=ratios, profile=profile, resolution=resolution)
         if choice.warning:
             warn(choice.warning)
         spec = PruneSpec.from_unet(loaded.unet, choice.ratios)
+        k = 1.5 if k is None else k
         dual = attach_dual(loaded, spec, k, masks)
         info.update(mode="crdiff", k=k, ratios=str(choice.ratios), ratios_origin=choice.origin,
                     thresholds=spec.thresholds(), masks=masks)
@@ -94,8 +131,23 @@ def generate(
         denoise = bars.add_task("steps", total=len(prompts) * len(seeds) * per_image)
         records = run(loaded.pipe, prompts, seeds, settings, out_dir, model_info=info, dual=dual, compare=compare,
                       on_step=lambda: bars.advance(denoise), on_image=lambda: bars.advance(images))
-    what = "dense" if dense else f"CR-Diff k={k:g}, ratios {info['ratios']}"
+    what = "dense" if dense else f"CR-Diff k={info['k']:g}, ratios {info['ratios']}"
+    if meta is not None:
+        what += f", from {artifact}" + (f" on {info['provider']}" if "provider" in info else "")
     out.print(f"wrote {len(records)} images ({what}, {resolution} HxW, {steps} steps) to {out_dir}")
+
+
+def _artifact_metadata(artifact: Optional[Path], res: Optional[str], provider: Optional[str], fold_masks: bool):
+    """The artifact's metadata (read before any model is loaded), or None without --artifact."""
+    if artifact is None:
+        if res is None:
+            raise CrdiffError("--res HxW is required (only an --artifact brings its own resolution)")
+        if provider is not None or not fold_masks:
+            raise CrdiffError("--provider and --no-ort-fold-masks apply to .onnx artifacts; pass --artifact PATH")
+        return None
+    from crdiff_cli.exporters.artifacts import read_metadata
+
+    return read_metadata(artifact)
 
 
 def progress_bars():

@@ -1,0 +1,145 @@
+"""The search journal: an append-only JSONL file that makes `crdiff search` survive a kill.
+
+Line 1 is a header naming the search (``identity``: model, resolution, prompts hash, scorer, steps,
+image seeds, the annealer's config, ...). Every later line is one annealer step, written as soon as it
+is scored and made durable (``flush`` + ``fsync``) before the next candidate is generated. Each line
+carries the annealer's full state after that step (RNG included), so resuming from the last line
+continues the search exactly where it stopped.
+
+A process killed while writing can leave a torn final line (no newline, or not valid JSON). That
+step was never durable, so on resume the torn tail is cut off and the step runs again; a line that
+fails to parse anywhere else means the file was damaged, and resume refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from crdiff_cli.errors import CrdiffError
+
+FORMAT = "crdiff-search-journal/1"
+
+
+def default_journal_path(profile: Path) -> Path:
+    """``best.json`` -> ``best.journal.jsonl`` in the same folder."""
+    return profile.with_name(f"{profile.stem}.journal.jsonl")
+
+
+def read_journal(path: Path) -> tuple[dict | None, list[dict], int]:
+    """``(header, entries, durable_bytes)``; a torn final line is left out of both and of the byte count."""
+    data = Path(path).read_bytes()
+    lines, durable, parsed = data.split(b"\n"), 0, []
+    for number, line in enumerate(lines[:-1], start=1):  # lines[-1] is the text after the last newline
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            if number < len(lines) - 1:
+                raise CrdiffError(f"journal {path} is damaged at line {number} (not JSON); it cannot be resumed: "
+                                  "start a new search (--overwrite) or fix the file") from None
+            break  # torn last line that happens to end in a newline byte: treat as not written
+        durable += len(line) + 1
+    if not parsed:
+        return None, [], durable
+    header = parsed[0]
+    if header.get("format") != FORMAT:
+        raise CrdiffError(f"{path} is not a crdiff search journal (expected \"format\": \"{FORMAT}\" on line 1)")
+    return header, parsed[1:], durable
+
+
+def check_identity(path: Path, header: dict, identity: dict) -> None:
+    """Refuse to resume a journal written by a search with a different definition."""
+    theirs, identity = _flat(header.get("identity", {})), _flat(identity)
+    differ = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: journal {_short(theirs.get(k))} vs now {_short(identity.get(k))}" for k in differ[:3])
+        raise CrdiffError(f"journal {path} belongs to a different search ({shown}); resume with the same "
+                          "settings, or start a new search with another --journal or --overwrite")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"anneal": {"iters": 6}}`` -> ``{"anneal.iters": 6}``, so a mismatch names the exact setting."""
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_journal(path: Path, identity: dict | None, *, resume: bool, overwrite: bool) -> list[dict]:
+    """Validate the journal for a new or resumed search without writing; returns the entries to resume from.
+
+    ``identity=None`` checks everything but the identity (for a caller that cannot build it yet).
+    """
+    path = Path(path)
+    if resume and overwrite:
+        raise CrdiffError("--resume and --overwrite contradict each other; pass only one")
+    if not path.parent.is_dir():
+        raise CrdiffError(f"the folder {path.parent} for journal {path.name} does not exist; create it first")
+    if not resume:
+        if path.exists() and not overwrite:
+            raise CrdiffError(f"journal {path} already exists; continue that search with --resume, or start "
+                              "over with --overwrite")
+        return []
+    if not path.is_file():
+        raise CrdiffError(f"no journal at {path} to resume; run without --resume to start a search")
+    header, entries, _ = read_journal(path)
+    if header is not None and identity is not None:
+        check_identity(path, header, identity)
+    return entries
+
+
+class Journal:
+    """Appends durable lines to a journal opened for a new search or a resume (see :func:`open_journal`)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "ab")
+
+    def append(self, entry: dict) -> None:
+        """Write one line and force it to disk before returning (a crash after this keeps it)."""
+        self._file.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def open_journal(path: Path, identity: dict, *, resume: bool, overwrite: bool) -> tuple[Journal, list[dict]]:
+    """Open for appending: a fresh file with a header, or the resumed one cut back to its durable lines."""
+    path = Path(path)
+    entries = check_journal(path, identity, resume=resume, overwrite=overwrite)
+    if resume:
+        header, _, durable = read_journal(path)
+        os.truncate(path, durable)  # drop a torn final line: that step will run again
+    else:
+        header = None
+        path.unlink(missing_ok=True)
+    journal = Journal(path)
+    if header is None:  # new search, or a kill tore the very first line
+        journal.append({"format": FORMAT, "identity": identity})
+        _fsync_dir(path.parent)
+    return journal, entries
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the new file's directory entry durable too (POSIX; a no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,87 @@
+"""The search trace as a PNG: energy per step with the best-so-far, and the temperature schedule.
+
+Drawn with PIL's ImageDraw (no plotting dependency): two panels sharing the step axis. The upper one
+shows every evaluated candidate's energy (grey dots; failed candidates red; cache hits hollow) and
+the best energy so far (a blue step line); the lower one the temperature, where reheats and restarts
+(t-floor rule) show as jumps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WIDTH, HEIGHT = 900, 560
+LEFT, RIGHT, TOP, GAP, BOTTOM = 70, 20, 34, 44, 34
+GREY, BLUE, RED, ORANGE, AXIS = (150, 150, 150), (30, 90, 200), (210, 40, 40), (220, 120, 20), (60, 60, 60)
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """A plotting box with its data ranges: maps (step, value) to pixels."""
+
+    box: tuple[int, int, int, int]  # left, top, right, bottom
+    x_max: int
+    y_lo: float
+    y_hi: float
+
+    def xy(self, x: float, y: float) -> tuple[float, float]:
+        left, top, right, bottom = self.box
+        span = (self.y_hi - self.y_lo) or 1.0
+        return (left + (right - left) * (x - 1) / max(1, self.x_max - 1),
+                bottom - (bottom - top) * (y - self.y_lo) / span)
+
+    def frame(self, draw, label: str) -> None:
+        left, top, right, bottom = self.box
+        draw.rectangle(self.box, outline=AXIS)
+        draw.text((left, top - 14), label, fill=AXIS)
+        for value in (self.y_lo, self.y_hi):
+            _, y = self.xy(1, value)
+            draw.text((4, y - 6), f"{value:.4g}", fill=AXIS)
+        for step in sorted({1, (self.x_max + 1) // 2, self.x_max}):
+            x, _ = self.xy(step, self.y_lo)
+            draw.text((x - 6, bottom + 3), str(step), fill=AXIS)
+
+
+def _panel(box, values: list[float], x_max: int) -> _Panel:
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
+    return _Panel(box, x_max, lo - pad, hi + pad)
+
+
+def trace_image(history, title: str):
+    """Render a search history (a sequence of :class:`crdiff_cli.search.Evaluation`) as a PIL image."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((LEFT, 6), title[:140], fill="black")
+    n = len(history)
+    energies = [e.record.energy for e in history]
+    best = [e.record.state.e_best for e in history]
+    temps = [e.record.t for e in history]
+    inner = HEIGHT - TOP - GAP - BOTTOM
+    energy = _panel((LEFT, TOP + 14, WIDTH - RIGHT, TOP + 14 + inner * 3 // 5), energies + best, n)
+    temp = _panel((LEFT, energy.box[3] + GAP, WIDTH - RIGHT, HEIGHT - BOTTOM), temps, n)
+    energy.frame(draw, "energy = -mean score  (dots: candidates, red: failed, hollow: cached; blue: best so far)")
+    temp.frame(draw, "temperature T used for the acceptance test")
+    for step, (e, value) in enumerate(zip(history, energies), start=1):
+        x, y = energy.xy(step, value)
+        color = RED if e.error else GREY
+        draw.ellipse((x - 2, y - 2, x + 2, y + 2), outline=color, fill=None if e.cached else color)
+    _step_line(draw, energy, best, BLUE)
+    _step_line(draw, temp, temps, ORANGE)
+    draw.text((LEFT, HEIGHT - 16), f"step (1..{n}, seeds included)", fill=AXIS)
+    return image
+
+
+def _step_line(draw, panel: _Panel, values: list[float], color) -> None:
+    points = []
+    for step, value in enumerate(values, start=1):
+        if points:
+            points.append((panel.xy(step, value)[0], panel.xy(step, values[step - 2])[1]))
+        points.append(panel.xy(step, value))
+    if len(points) > 1:
+        draw.line(points, fill=color, width=2)
+    else:
+        x, y = points[0]
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)

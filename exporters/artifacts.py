@@ -1,0 +1,134 @@
+"""Artifacts by path: their format, their metadata, and putting one into a loaded pipeline.
+
+A ``.safetensors`` artifact runs on the live PyTorch path (its dense UNet rebuilt from the file, the
+pruned twin from its thresholds, a :class:`~crdiff_cli.dual_unet.DualUNet` over both), so k and the
+ratios can still be changed; a ``.onnx`` artifact runs through ONNX Runtime with k and the thresholds
+folded into the graph. Either way the text encoders, tokenizers, VAE and scheduler come from the
+base pipeline, whose UNet config must be the artifact's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crdiff_cli.errors import CrdiffError
+from crdiff_cli.exporters.metadata import ArtifactMetadata, comparable_config
+
+FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}
+
+
+def format_of(path: Path, fmt: str | None = None) -> str:
+    """The artifact format named by ``path``'s suffix (checked against ``fmt`` when given)."""
+    by_suffix = FORMATS.get(Path(path).suffix.lower())
+    if fmt is not None and fmt not in FORMATS.values():
+        raise CrdiffError(f"unknown --format {fmt!r}; use safetensors or onnx")
+    if by_suffix is None:
+        wanted = f".{fmt}" if fmt else ".safetensors or .onnx"
+        raise CrdiffError(f"{path}: an artifact's file name must end in {wanted}")
+    if fmt is not None and fmt != by_suffix:
+        raise CrdiffError(f"{path} ends in {Path(path).suffix} but --format is {fmt}; make them agree")
+    return by_suffix
+
+
+def require_onnx() -> None:
+    """Refuse ONNX work in one line when the ``onnx`` extra is not installed."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CrdiffError(f"{' and '.join(missing)} not installed; ONNX artifacts need pip install 'crdiff[onnx]' "
+                          "(or 'crdiff[onnx-gpu]' on a CUDA machine)")
+
+
+def output_files(path: Path) -> list[Path]:
+    """Every file an artifact at ``path`` may consist of, the main file first."""
+    from crdiff_cli.exporters.onnx_artifact import data_path
+
+    return [path, data_path(path)] if format_of(path) == "onnx" else [path]
+
+
+def read_metadata(path: Path) -> ArtifactMetadata:
+    """The metadata of the artifact at ``path`` (headers only; the weights are not loaded)."""
+    path = Path(path)
+    fmt = format_of(path)
+    if not path.is_file():
+        raise CrdiffError(f"artifact {path} does not exist; bake one with `crdiff bake`")
+    if fmt == "onnx":
+        from crdiff_cli.exporters.onnx_artifact import read_onnx_metadata
+
+        require_onnx()
+
+        return read_onnx_metadata(path)
+    from crdiff_cli.exporters.safetensors_artifact import read_safetensors_metadata
+
+    return read_safetensors_metadata(path)
+
+
+def check_base(meta: ArtifactMetadata, unet_config, base: str) -> None:
+    """Refuse a base model whose UNet config is not the one the artifact was baked from."""
+    ours, theirs = meta.unet_config, comparable_config(unet_config)
+    differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if differing:
+        shown = ", ".join(f"{k} ({theirs.get(k)!r} vs {ours.get(k)!r})" for k in differing[:3])
+        more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+        raise CrdiffError(f"--model {base} has another UNet config than the artifact: {shown}{more}; pass the base "
+                          "model the artifact was baked from")
+
+
+def check_run_options(path: Path, meta: ArtifactMetadata, *, k: float | None, ratios, dtype: str | None,
+                      dense: bool = False, compare: bool = False, provider: str | None = None,
+                      fold_masks: bool = True) -> None:
+    """Refuse, before anything is loaded, generate options that the artifact at ``path`` cannot honour.
+
+    ``ratios`` is a :class:`~crdiff_cli.ratios.Ratios` or None; ``dtype`` a torch dtype name or None.
+    """
+    if dense:
+        raise CrdiffError("--dense runs the base model as it is; drop --artifact or --dense")
+    if format_of(path) == "safetensors":
+        if provider is not None or not fold_masks:
+            raise CrdiffError("--provider and --no-ort-fold-masks apply to .onnx artifacts; a .safetensors artifact "
+                              "runs on the live PyTorch path")
+        if dtype is not None and dtype != meta.dtype:
+            raise CrdiffError(f"the artifact's weights are {meta.dtype}; omit --dtype or pass the matching one")
+        return
+    if compare:
+        raise CrdiffError("--compare needs the dense model, which an ONNX artifact does not expose; use the "
+                          ".safetensors artifact")
+    if k is not None and k != meta.k:
+        raise CrdiffError(f"k = {meta.k:g} is folded into the ONNX artifact; re-bake it for --k {k:g} (or use a "
+                          ".safetensors artifact, whose k can change)")
+    if ratios is not None and ratios != meta.spec.ratios:
+        raise CrdiffError(f"the ONNX artifact's thresholds are for ratios {meta.spec.ratios}; re-bake it for "
+                          f"{ratios} (or use a .safetensors artifact)")
+    if provider is not None:
+        from crdiff_cli.exporters.onnx_runtime import choose_providers
+
+        choose_providers(provider)
+
+
+def attach_artifact(loaded, path: Path, meta: ArtifactMetadata, *, k: float | None = None, ratios=None,
+                    masks: str = "copy", provider: str | None = None, fold_masks: bool = True):
+    """Replace ``loaded.pipe.unet`` by the artifact's; returns ``(dual or None, info)``.
+
+    Call :func:`check_run_options` first. On the live path (safetensors) ``k`` / ``ratios`` override
+    the baked ones; ``dual`` is the DualUNet there and None for ONNX, whose k is fixed.
+    """
+    check_base(meta, loaded.unet.config, loaded.source)
+    info = {"artifact": str(path), "artifact_format": format_of(path), "mode": "crdiff"}
+    if format_of(path) == "onnx":
+        from crdiff_cli.exporters.onnx_runtime import OnnxUNet, open_session
+
+        session = open_session(path, provider=provider, fold_masks=fold_masks)
+        loaded.pipe.unet = OnnxUNet(session, meta, loaded.unet.dtype)
+        return None, {**info, "k": meta.k, "ratios": str(meta.spec.ratios), "thresholds": meta.spec.thresholds(),
+                      "provider": session.get_providers()[0], "ort_fold_masks": fold_masks}
+    from crdiff_cli.exporters.safetensors_artifact import load_safetensors_unet
+    from crdiff_cli.generate import attach_dual
+    from crdiff_cli.prune_spec import PruneSpec
+
+    unet, meta = load_safetensors_unet(path)
+    loaded.pipe.unet = unet.to(loaded.unet.device)
+    spec = meta.spec if ratios is None or ratios == meta.spec.ratios else PruneSpec.from_unet(unet, ratios)
+    k = meta.k if k is None else k
+    dual = attach_dual(loaded, spec, k, masks)
+    return dual, {**info, "k": k, "ratios": str(spec.ratios), "thresholds": spec.thresholds(), "masks": masks}

@@ -1,0 +1,156 @@
+"""Baking: export an artifact, validate it against the live dual UNet, and only then let it appear.
+
+Everything is written into a hidden staging folder beside the output (``.<name>.tmp-*``), verified
+there by loading it as a consumer would, and only then renamed into place: the external data file
+first, the ``.onnx`` (or ``.safetensors``) last, so a visible artifact is always complete. A failed
+verification, an error or Ctrl-C removes the staging folder and leaves no artifact behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from crdiff_cli.atomic import check_output
+from crdiff_cli.errors import CrdiffError
+from crdiff_cli.exporters.artifacts import format_of, output_files
+from crdiff_cli.exporters.metadata import ArtifactMetadata
+from crdiff_cli.exporters.onnx_artifact import DEFAULT_OPSET
+from crdiff_cli.exporters.validate import (TOLERANCES, VerificationError, VerificationReport, unet_call,
+                                           validate_model_outputs, verification_cases)
+from crdiff_cli.prune_spec import PruneSpec
+from crdiff_cli.resolution import Resolution
+
+
+@dataclass
+class BakeResult:
+    """What :func:`bake` wrote and how the verification went (``report`` is None without it)."""
+
+    path: Path
+    files: list[Path]
+    meta: ArtifactMetadata
+    report: VerificationReport | None
+    export_seconds: float
+    verify_seconds: float
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def bake(unet, spec: PruneSpec, *, k: float, resolution: Resolution, family: str, out: Path,
+         opset: int = DEFAULT_OPSET, verify: bool = True, overwrite: bool = False, external_data: bool | None = None,
+         reference=None, on_stage=None) -> BakeResult:
+    """Bake the plain diffusers ``unet`` with ``spec`` and ``k`` into ``out`` (.safetensors or .onnx).
+
+    ``verify`` compares the written artifact with ``reference`` (default: the live
+    :class:`~crdiff_cli.dual_unet.DualUNet` of ``unet``, ``spec`` and ``k``) and raises a
+    :class:`~crdiff_cli.exporters.validate.VerificationError` on a mismatch, in which case nothing is
+    written. ``external_data`` (ONNX) forces or forbids the external weights file; None decides by size.
+    ``on_stage(name)`` is called as each stage starts (for progress display).
+    """
+    out = Path(out)
+    fmt = format_of(out)
+    files = output_files(out)
+    for path in files:
+        check_output(path, overwrite)
+    if spec.dtype not in TOLERANCES:
+        raise CrdiffError(f"artifacts are baked in float32 or float16, not {spec.dtype}; load the model as fp32 or fp16")
+    stage = on_stage or (lambda name: None)
+    stage("hashing the dense weights")
+    meta = ArtifactMetadata.describe(unet, spec, k, resolution, family)
+    with _staged(out, files) as staging:
+        target = staging / out.name
+        stage(f"writing {fmt}")
+        start = time.perf_counter()
+        if fmt == "onnx":
+            from crdiff_cli.exporters.onnx_artifact import export_onnx
+
+            export_onnx(unet, meta, target, opset=opset, external_data=external_data)
+        else:
+            from crdiff_cli.exporters.safetensors_artifact import save_safetensors
+
+            save_safetensors(unet, meta, target)
+        exported = time.perf_counter()
+        report = None
+        if verify:
+            stage("verifying against the live dual UNet")
+            try:
+                report = verify_artifact(target, unet, meta, reference)
+            except VerificationError as exc:
+                raise type(exc)(f"{exc}; no artifact was written") from None
+        verified = time.perf_counter()
+    written = [f for f in files if f.exists()]
+    return BakeResult(out, written, meta, report, exported - start, verified - exported)
+
+
+def verify_artifact(path: Path, unet, meta: ArtifactMetadata, reference=None) -> VerificationReport:
+    """Load the artifact at ``path`` as a consumer would and validate it against the live dual UNet.
+
+    The metadata must round-trip exactly; for ONNX the file must also pass ``onnx.checker`` and store
+    no more weight bytes than the UNet has (no second copy). ONNX runs on ONNX Runtime's CPU provider.
+    """
+    from crdiff_cli.dual_unet import DualUNet
+
+    candidate, release = _load_candidate(Path(path), meta, unet)
+    live = reference if reference is not None else DualUNet(unet, meta.spec, meta.k)
+    try:
+        return validate_model_outputs(lambda inputs: unet_call(live, inputs), candidate, meta.unet_config,
+                                      verification_cases(meta.resolution), dtype=meta.dtype)
+    finally:
+        if reference is None:
+            live.release()
+        release()
+
+
+def _load_candidate(path: Path, meta: ArtifactMetadata, unet):
+    """``(run, release)`` for the artifact at ``path``, after the structural checks."""
+    if format_of(path) == "safetensors":
+        from crdiff_cli.dual_unet import DualUNet
+        from crdiff_cli.exporters.safetensors_artifact import load_safetensors_unet
+
+        loaded_unet, loaded_meta = load_safetensors_unet(path)
+        _check_round_trip(loaded_meta, meta)
+        dual = DualUNet(loaded_unet, loaded_meta.spec, loaded_meta.k)
+        return (lambda inputs: unet_call(dual, inputs)), dual.release
+    from crdiff_cli.exporters.onnx_artifact import check_onnx, initializer_bytes, read_onnx_metadata
+    from crdiff_cli.exporters.onnx_runtime import open_session, run_session
+
+    check_onnx(path)
+    _check_round_trip(read_onnx_metadata(path), meta)
+    stored, dense = initializer_bytes(path), sum(p.numel() * p.element_size() for p in unet.parameters())
+    if stored > dense:
+        raise VerificationError(f"verification failed: the graph stores {stored:,} bytes of weights, more than the "
+                                f"UNet's {dense:,} (a second copy of weights was exported)")
+    session = open_session(path, provider="cpu")
+    holder = [session]
+    return (lambda inputs: run_session(holder[0], inputs)), holder.clear
+
+
+def _check_round_trip(read: ArtifactMetadata, written: ArtifactMetadata) -> None:
+    if read != written:
+        raise VerificationError("verification failed: the metadata read back differs from what was written")
+
+
+@contextmanager
+def _staged(out: Path, files: list[Path]):
+    """A staging folder beside ``out``; on success its files replace ``files``, sidecars first."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield staging
+        for path in reversed(files):  # the main file (first in ``files``) lands last
+            staged = staging / path.name
+            if staged.exists():
+                os.chmod(staged, 0o666 & ~umask)  # writers create some files 0600; artifacts are for sharing
+                os.replace(staged, path)
+            elif path.exists():  # a previous artifact's sidecar that this one does not use
+                path.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
