@@ -4,7 +4,8 @@ Targets (issue 4):
   (1) time per evaluation minus generation and scoring (re-thresholding, re-masking, journal fsync,
       bookkeeping) <= 2% of the evaluation;
   (2) evaluations per hour >= 3x a reference-style loop that, for every evaluation, starts a fresh
-      Python process, loads the pipeline from a saved folder, prunes it (per group
+      Python process, loads the pipeline from a saved folder, deep-copies it (as the reference code does),
+      prunes the copy (per group
       ``torch.cat([|w| ...]).kthvalue(m)``, then ``masked_fill_``), loads the scorer, generates and scores.
 
 The model (no download possible here): a diffusers StableDiffusionPipeline whose UNet is the SD1.5
@@ -152,6 +153,8 @@ def schedule(loaded, seed: int) -> list[tuple[float, float]]:
 def reference_eval(args) -> dict:
     """One evaluation the reference way, in this (fresh) process: load, prune by concat+kthvalue, run."""
     t0 = time.perf_counter()
+    import copy
+
     import torch
     from diffusers import DiffusionPipeline
 
@@ -162,7 +165,8 @@ def reference_eval(args) -> dict:
     from crdiff_cli.targets import target_weights
 
     t1 = time.perf_counter()
-    pipe = DiffusionPipeline.from_pretrained(args.pipe)
+    dense = DiffusionPipeline.from_pretrained(args.pipe)
+    pipe = copy.deepcopy(dense)  # as the reference code does: it prunes a deep copy and keeps the dense pipeline
     pipe.set_progress_bar_config(disable=True)
     t2 = time.perf_counter()
     ratios = Ratios.parse(args.ratios)

@@ -43,7 +43,7 @@ def command(fn):
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
-            err.print("interrupted; nothing partial was written")
+            err.print("interrupted; every output is written whole or not at all")
             raise typer.Exit(130) from None
     return wrapper
 

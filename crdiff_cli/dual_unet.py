@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.prune_spec import PruneSpec, check_matches
+from crdiff_cli.prune_spec import PruneSpec, check_matches, pruned_weight
 
 MASK_MODES = ("copy", "on-the-fly")
 
@@ -44,26 +44,22 @@ class _PrunedWeight(nn.Module):
         self.register_buffer("masked", None, persistent=False)
 
     def set_threshold(self, original: torch.Tensor, threshold: float | None, copy: bool) -> None:
+        """Re-mask; an existing copy is overwritten in place (a search re-masks every step, and writing
+        into fresh memory costs ~20x more than the masking itself: page faults)."""
         self.threshold = threshold
-        self.masked = masked_weight(original, threshold) if copy and threshold is not None else None
+        if not copy or threshold is None:
+            self.masked = None
+        elif self.masked is not None:
+            torch.hardshrink(original, threshold, out=self.masked)
+        else:
+            self.masked = pruned_weight(original, threshold)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.branch.pruned or self.threshold is None:
             return weight
         if self.masked is not None:
             return self.masked
-        return masked_weight(weight, self.threshold)
-
-
-def masked_weight(weight: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``weight`` with every ``|w| <= threshold`` zeroed, as a new tensor.
-
-    ``hardshrink`` is exactly that rule (``|w| == t`` is zeroed, NaN is kept, like ``prune_``'s
-    ``masked_fill``) in one fused pass; ``where(|w| > t, w, 0)`` needs three passes and two temporaries,
-    which made on-the-fly masking about 5x slower. ``threshold`` is a magnitude of this dtype, so passing
-    it as a Python float is exact.
-    """
-    return torch.nn.functional.hardshrink(weight, threshold)
+        return pruned_weight(weight, self.threshold)
 
 
 class DualUNet(nn.Module):
@@ -96,9 +92,9 @@ class DualUNet(nn.Module):
     def set_spec(self, spec: PruneSpec) -> None:
         """Switch to another ratio set's thresholds; only groups whose threshold changed are re-masked.
 
-        The spec must come from this UNet as loaded (``PruneSpec.from_unet(dual.unet, ...)``): one computed
-        on the DualUNet wrapper itself finds no targets, and one computed in another dtype has other
-        thresholds; both are refused here rather than silently running dense or inexactly.
+        The spec must come from this UNet as loaded (``PruneSpec.from_unet(dual, ...)`` or ``(dual.unet, ...)``):
+        one computed on another shape or in another dtype has other thresholds, and is refused here
+        rather than run inexactly.
         """
         _checked_targets(self.unet, spec)
         old = self.spec.thresholds() if self.spec is not None else {}

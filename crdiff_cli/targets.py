@@ -27,7 +27,11 @@ def group_of(module_name: str) -> str | None:
 
 
 def target_modules(unet: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
-    """Target layers of ``unet`` by group, in module order: ``{group: [(module_name, module), ...]}``."""
+    """Target layers of ``unet`` by group, in module order: ``{group: [(module_name, module), ...]}``.
+
+    A :class:`~crdiff_cli.dual_unet.DualUNet` is unwrapped: its targets are those of the UNet it holds.
+    """
+    unet = unet._modules.get("unet", unet)
     groups: dict[str, list[tuple[str, nn.Module]]] = {g: [] for g in GROUPS}
     for name, module in unet.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):

@@ -17,7 +17,8 @@ from torch.nn.utils import parametrize
 from typer.testing import CliRunner
 
 from crdiff_cli.cli import app
-from crdiff_cli.dual_unet import DualUNet, masked_weight, resident_bytes
+from crdiff_cli.dual_unet import DualUNet, resident_bytes
+from crdiff_cli.prune_spec import pruned_weight
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.generate import GenerationSettings, attach_dual, generate_image, set_scheduler
 from crdiff_cli.models import load_model
@@ -166,12 +167,12 @@ def test_set_spec_switches_ratios_in_place(reference):
     assert np.array_equal(image(loaded.pipe), reference("tiny", "dense"))
 
 
-def test_spec_computed_on_the_wrapper_is_refused(tiny_dirs):
-    """``loaded.unet`` is the DualUNet once attached; a spec taken from it has no targets (was: ran dense)."""
+def test_spec_computed_on_the_wrapper_equals_spec_of_the_unet(tiny_dirs):
+    """``loaded.unet`` is the DualUNet once attached; a spec taken from it is the inner UNet's (was: ran dense)."""
     loaded, dual = dual_model("tiny", k=1.0)
     assert loaded.unet is dual
-    with pytest.raises(CrdiffError, match="recompute the spec"):
-        dual.set_spec(PruneSpec.from_unet(loaded.unet, Ratios.parse(RATIOS)))
+    ratios = Ratios.parse(RATIOS)
+    assert PruneSpec.from_unet(loaded.unet, ratios) == PruneSpec.from_unet(dual.unet, ratios)
 
 
 # --- memory: one UNet, shared weights -------------------------------------------------------------
@@ -267,10 +268,10 @@ def test_spec_from_another_dtype_is_refused(tiny_readonly):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_masked_weight_is_bitwise_prune_rule(dtype):
+def test_pruned_weight_is_bitwise_prune_rule(dtype):
     """The fused mask equals ``prune_``'s ``masked_fill(|w| <= t, 0)`` bit for bit: ties at +-t, +-0, NaN."""
     w = torch.randn(10_007, generator=torch.Generator().manual_seed(0)).to(dtype)
     t = float(w.abs().kthvalue(4_000).values)
     w[:5] = torch.tensor([t, -t, 0.0, -0.0, float("nan")]).to(dtype)
     bits = {torch.float32: torch.int32}.get(dtype, torch.int16)
-    assert torch.equal(masked_weight(w, t).view(bits), w.masked_fill(w.abs() <= t, 0.0).view(bits))
+    assert torch.equal(pruned_weight(w, t).view(bits), w.masked_fill(w.abs() <= t, 0.0).view(bits))
