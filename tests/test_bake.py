@@ -187,5 +187,5 @@ def test_ctrl_c_during_bake_leaves_nothing(tmp_path, crdiff_cache):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr
-    assert "interrupted; nothing partial was written" in stderr
+    assert "interrupted; every output is written whole or not at all" in stderr
     assert list(folder.iterdir()) == []

@@ -197,9 +197,10 @@ def test_both_branches_use_the_dense_tensors_and_nothing_is_deep_copied(tiny_dir
     loaded = load_model("tiny")
     unet = loaded.unet
     original = {name: p.data_ptr() for name, p in unet.named_parameters()}
+    gc.collect()  # garbage UNets of earlier tests must not be collected mid-test and skew the count
     unets_before = sum(isinstance(o, type(unet)) for o in gc.get_objects())
     dual = attach_dual(loaded, PruneSpec.from_unet(unet, Ratios.parse(RATIOS)), 1.5, masks)
-    assert sum(isinstance(o, type(unet)) for o in gc.get_objects()) == unets_before
+    assert sum(isinstance(o, type(unet)) for o in gc.get_objects()) <= unets_before  # no new UNet object
     assert {p.data_ptr() for p in dual.parameters()} == set(original.values())
 
     targets = {name.removesuffix(".weight") for ws in target_weights(unet).values() for name, _ in ws}
