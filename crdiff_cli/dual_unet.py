@@ -28,7 +28,7 @@ from crdiff_cli.prune_spec import PruneSpec, check_matches, pruned_weight
 MASK_MODES = ("copy", "on-the-fly")
 
 
-class _Branch:
+class Branch:
     """Which branch the shared target weights currently serve (read by every parametrization)."""
 
     pruned = False
@@ -37,7 +37,7 @@ class _Branch:
 class _PrunedWeight(nn.Module):
     """Parametrization of one target weight: the dense weight, or its pruned version in the pruned pass."""
 
-    def __init__(self, branch: _Branch):
+    def __init__(self, branch: Branch):
         super().__init__()
         self.branch = branch
         self.threshold: float | None = None
@@ -76,7 +76,7 @@ class DualUNet(nn.Module):
         self.unet = unet
         self.k = float(k)
         self.masks = masks
-        self._branch = _Branch()
+        self._branch = Branch()
         self._params: dict[str, tuple[str, nn.Module, _PrunedWeight]] = {}
         self._order: dict[nn.Module, list[str]] = {}  # each target module's parameter order, for release()
         for group, weights in _checked_targets(unet, spec).items():  # refuse a wrong spec before any change

@@ -50,7 +50,7 @@ class RankWindow:
         self._windows = [w for w in self._windows if w is not window][-(self.keep - 1):] + [window]
         pattern = window.patterns[m - window.below - 1]
         pruned = window.below + int(torch.searchsorted(window.patterns, pattern, right=True))
-        return h._value(int(pattern)), pruned
+        return h.value_of(int(pattern)), pruned
 
     def _collect(self, m: int) -> _Window:
         """One pass: the bit patterns of the high bins spanning ranks m +- frac * n, sorted."""
@@ -59,8 +59,8 @@ class RankWindow:
         first = int(torch.searchsorted(h.cumulative, max(1, m - span)))
         last = int(torch.searchsorted(h.cumulative, min(h.numel, m + span)))
         kept = []
-        for chunk in h._chunks():
-            bits = h._magnitude_bits(chunk)
+        for chunk in h.chunks():
+            bits = h.magnitude_bits(chunk)
             high = bits >> h.low_bits
             kept.append(bits[(high >= first) & (high <= last)])
         self.misses += 1

@@ -36,7 +36,7 @@ class MagnitudeHistogram:
         self.low_bits = self.bits - 1 - _HIGH_BITS
         self.numel = sum(t.numel() for t in self.tensors)
         counts = torch.zeros(1 << _HIGH_BITS, dtype=torch.int64, device=self.tensors[0].device)
-        for chunk in self._chunks():
+        for chunk in self.chunks():
             counts += torch.bincount(self._high(chunk), minlength=1 << _HIGH_BITS)
         self.cumulative = counts.cumsum(0).cpu()
 
@@ -48,27 +48,30 @@ class MagnitudeHistogram:
         below = int(self.cumulative[high - 1]) if high else 0
         in_bin = int(self.cumulative[high]) - below
         if self.low_bits == 0:
-            return self._value(high), below + in_bin
+            return self.value_of(high), below + in_bin
         low_counts = torch.zeros(1 << self.low_bits, dtype=torch.int64, device=self.tensors[0].device)
         mask_low = (1 << self.low_bits) - 1
-        for chunk in self._chunks():
-            bits = self._magnitude_bits(chunk)
+        for chunk in self.chunks():
+            bits = self.magnitude_bits(chunk)
             hits = bits[(bits >> self.low_bits) == high]
             if hits.numel():
                 low_counts += torch.bincount(hits & mask_low, minlength=1 << self.low_bits)
         low_cum = low_counts.cumsum(0).cpu()
         low = int(torch.searchsorted(low_cum, m - below))
-        return self._value((high << self.low_bits) | low), below + int(low_cum[low])
+        return self.value_of((high << self.low_bits) | low), below + int(low_cum[low])
 
-    def _chunks(self):
+    def chunks(self):
+        """The group's weights as flat chunks of at most CHUNK elements (bounded temporaries)."""
         for t in self.tensors:
             yield from t.detach().reshape(-1).split(CHUNK)
 
-    def _magnitude_bits(self, chunk: torch.Tensor) -> torch.Tensor:
+    def magnitude_bits(self, chunk: torch.Tensor) -> torch.Tensor:
+        """Bit patterns of ``|chunk|`` as integers: their order is the order of the magnitudes."""
         return chunk.view(_INT_VIEW[self.dtype]) & ((1 << (self.bits - 1)) - 1)
 
     def _high(self, chunk: torch.Tensor) -> torch.Tensor:
-        return (self._magnitude_bits(chunk) >> self.low_bits).int()
+        return (self.magnitude_bits(chunk) >> self.low_bits).int()
 
-    def _value(self, pattern: int) -> float:
+    def value_of(self, pattern: int) -> float:
+        """The magnitude whose bit pattern is ``pattern``, as an exact Python float."""
         return float(torch.tensor([pattern], dtype=_INT_VIEW[self.dtype]).view(self.dtype)[0])

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from crdiff_cli.dual_unet import Branch
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.prune_spec import PruneSpec, check_matches
 from crdiff_cli.targets import group_of
@@ -74,14 +75,10 @@ def trace_shape(config) -> tuple[int, int]:
     return 3 * factor + 1, 2 * factor + 1
 
 
-class _Branch:
-    pruned = False
-
-
 class _MatMulLinear(nn.Module):
     """``nn.Linear`` as ``x @ Wt + b`` on the transposed weight, masked by ``threshold`` in the pruned pass."""
 
-    def __init__(self, linear: nn.Linear, threshold: float | None, branch: _Branch):
+    def __init__(self, linear: nn.Linear, threshold: float | None, branch: Branch):
         super().__init__()
         self.weight_t = nn.Parameter(linear.weight.detach().t(), requires_grad=False)
         self.bias = linear.bias
@@ -104,7 +101,7 @@ class DualGraph(nn.Module):
     ``e_p - (e_p - e_d)(1 - k)``; ``k = 0`` exports the dense UNet alone, ``k = 1`` the pruned one.
     """
 
-    def __init__(self, unet: nn.Module, k: float, branch: _Branch, any_pruned: bool):
+    def __init__(self, unet: nn.Module, k: float, branch: Branch, any_pruned: bool):
         super().__init__()
         self.unet = unet
         self.k = float(k)
@@ -137,7 +134,7 @@ def dual_graph(unet: nn.Module, spec: PruneSpec, k: float):
     """Yield a :class:`DualGraph` over ``unet`` (linears swapped for export); restore ``unet`` after."""
     check_matches(unet, spec)
     thresholds = spec.thresholds()
-    branch = _Branch()
+    branch = Branch()
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         for name, module in list(unet.named_modules()):
