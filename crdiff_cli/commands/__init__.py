@@ -1,1 +1,1 @@
-"""One module per CLI command; each registers itself on ``crdiff_cli.cli.app`` when imported."""
+"""One module per CLI command; :mod:`crdiff_cli.cli` registers their functions on its Typer app."""

@@ -7,11 +7,10 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli import MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, app, command, err, out, warn
+from crdiff_cli.cli_shared import MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
 from crdiff_cli.errors import CrdiffError
 
 
-@app.command()
 @command
 def generate(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " With --artifact: the base model that "

@@ -7,11 +7,10 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli import MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, app, command, err, out, warn
+from crdiff_cli.cli_shared import MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
 from crdiff_cli.errors import CrdiffError
 
 
-@app.command()
 @command
 def prune(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
@@ -63,7 +62,6 @@ def prune(
     out.print(f"wrote {out_dir}")
 
 
-@app.command("profiles")
 @command
 def profiles_cmd(family: Optional[str] = typer.Option(None, "--family", help="Only this family: sd15, sd21 or sdxl.")):
     """List the built-in ratio profiles (the paper's Table 6), resolutions HEIGHTxWIDTH."""

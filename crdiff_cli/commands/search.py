@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli import MODEL_HELP, RES_HELP, app, command, err, out, warn
+from crdiff_cli.cli_shared import MODEL_HELP, RES_HELP, command, err, out, warn
 from crdiff_cli.errors import CrdiffError
 
 
@@ -49,7 +49,6 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-@app.command()
 @command
 def search(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),

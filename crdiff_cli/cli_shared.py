@@ -1,0 +1,43 @@
+"""What every CLI command shares: the consoles, the help texts of common flags, the one-line error wrapper.
+
+Commands import this module (never :mod:`crdiff_cli.cli`), and :mod:`crdiff_cli.cli` imports the commands
+to register them, so the dependency runs one way: cli -> commands -> cli_shared.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from crdiff_cli.errors import CrdiffError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+MODEL_HELP = ("Diffusers pipeline folder, hub id (from the local HF cache), single-file .safetensors, or an "
+              "embedded test model: tiny (SD1.5-shaped) or tiny-sdxl.")
+RES_HELP = "Target resolution HEIGHTxWIDTH (paper convention), multiples of 8, e.g. 400x560."
+RATIOS_HELP = "Pruning ratios DOWN/MID/UP, each in [0, 1), e.g. 0.319/0.240/0.192."
+PROFILE_HELP = "A built-in profile (see `crdiff profiles`, e.g. sd15@400x560) or a profile JSON file."
+
+
+def command(fn):
+    """Run a command body, turning user errors into one line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CrdiffError as exc:
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; every output is written whole or not at all")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
