@@ -6,18 +6,29 @@ A caller that journals each record can crash at any point and resume from the
 last journaled state without losing or repeating an evaluation, because every
 source of randomness (the RNG state) lives in that state.
 
+The default reproduces the reference code's loop (the search behind the paper's
+Table 6) move for move: with the same seed and the same scores it evaluates the
+same candidates in the same order. One `random.Random(seed)` stream is drawn in
+this order per iteration: the coordinate to move (from the reference's order
+down, up, mid), its uniform step, then — only when the neighbour is not better
+than current — the acceptance draw. Candidates keep full precision; a caller
+that caches scores keys them to 4 decimals, as the reference's cache does.
+
 Two stagnation rules are supported:
-  * "patience" (default; the reference code behind the paper's Table 6): after
-    `patience` iterations without a new best, reheat (only once the best score
-    -E_best exceeds `reheat_min_score`) or else restart from a large mutation of
-    the best; stop when neither is allowed any more.
+  * "patience" (default; the reference code): after `patience` iterations
+    without a new global best found by a neighbour, reheat (only once such a
+    best scored above `reheat_min_score`) or else restart from a one-coordinate
+    move of the best, made with the step of temperature `restart_t_mult * t_init`;
+    stop when neither is allowed any more.
   * "t-floor" (Algorithm 1 as printed): when T cools below `t_floor`, reset T to
     `t_init`; stop after more than `max_restarts` such resets.
 
-Restart accounting: a restart only *schedules* a mutated candidate
-(`AnnealState.pending`); the next iteration evaluates it instead of a neighbour
-and accepts it unconditionally. So every iteration costs exactly one
-evaluation, and a journaled state never hides an un-journaled evaluation.
+Restart accounting: the reference evaluates a restart candidate at once, inside
+the iteration that triggered it. Here that iteration's step draws the candidate
+into `AnnealState.pending` and the next step evaluates it (kind "restart", same
+iteration number, no iteration used up). The RNG draws and the scores are those
+of the reference; splitting them over two steps keeps "one step = one
+evaluation", so a journaled state never hides an un-journaled evaluation.
 """
 from __future__ import annotations
 
@@ -29,7 +40,7 @@ from typing import Callable, Optional
 Vector = tuple[float, ...]
 Energy = Callable[[Vector], float]
 RULES = ("patience", "t-floor")
-DECIMALS = 4  # candidates are rounded so identical ones hit the caller's cache
+REFERENCE_ORDER = (0, 2, 1)  # the reference draws the coordinate from (down, up, mid); vectors are D/M/U
 
 
 @dataclass(frozen=True)
@@ -50,9 +61,9 @@ class AnnealConfig:
     reheat_factor: float = 1.5
     reheat_min_score: float = 0.8
     max_restarts: int = 2
-    restart_mult: float = 3.0
+    restart_t_mult: float = 3.0  # a restart's step is the neighbour step at T = restart_t_mult * t_init
     t_floor: float = 1e-3
-    seed: int = 0
+    seed: int = 42  # the reference seeds Python's random with 42
 
     def __post_init__(self) -> None:
         # Normalise list inputs (e.g. from JSON/CLI) to tuples so configs compare equal.
@@ -104,9 +115,10 @@ class AnnealState:
     best: Optional[Vector] = None
     e_best: Optional[float] = None
     no_improve: int = 0
+    reheat_unlocked: bool = False  # a neighbour found a best scoring above reheat_min_score
     reheats: int = 0
     restarts: int = 0
-    pending: Optional[Vector] = None  # restart candidate the next iteration evaluates
+    pending: Optional[Vector] = None  # restart candidate the next step evaluates (same iteration)
     stop_reason: Optional[str] = None
 
     def to_dict(self) -> dict:
@@ -131,11 +143,11 @@ class EvalRecord:
     """One energy evaluation; `state` is the state after processing it."""
 
     kind: str  # "seed" | "neighbour" | "restart"
-    iteration: int  # 1-based iteration, or the seed index for kind "seed"
+    iteration: int  # 1-based iteration (a restart shares its iteration's), or the seed index for kind "seed"
     candidate: Vector
     energy: float
-    accepted: bool  # became current (for seeds: best seed so far)
-    t: float  # temperature used for this evaluation's acceptance test
+    accepted: bool  # became current (for seeds: best seed so far; a restart always)
+    t: float  # temperature of the acceptance test (a restart: T before it resets T to t_init)
     state: AnnealState
 
     def to_dict(self) -> dict:
@@ -162,8 +174,8 @@ def initial_state(config: AnnealConfig) -> AnnealState:
     return AnnealState(phase="seeding", rng=random.Random(config.seed).getstate(), t=config.t_init)
 
 
-def _clip_round(x: Vector, config: AnnealConfig) -> Vector:
-    return tuple(min(max(round(v, DECIMALS), lo), hi) for v, (lo, hi) in zip(x, config.bounds))
+def _clip(x: Vector, config: AnnealConfig) -> Vector:
+    return tuple(min(max(v, lo), hi) for v, (lo, hi) in zip(x, config.bounds))
 
 
 def _step_size(config: AnnealConfig, t: float) -> float:
@@ -171,70 +183,99 @@ def _step_size(config: AnnealConfig, t: float) -> float:
     return max(config.min_step, config.step_frac * t / config.t_init)
 
 
+def _draw_order(n: int) -> tuple[int, ...]:
+    """Coordinates in the order the reference draws from: down, up, mid, then any extra (k)."""
+    return REFERENCE_ORDER + tuple(range(3, n)) if n >= 3 else tuple(range(n))
+
+
 def _neighbour(rng: random.Random, config: AnnealConfig, x: Vector, s: float) -> Vector:
-    i = rng.randrange(len(x))
+    """Move ONE coordinate by uniform(-s, s) (times its step scale), then clip; full precision."""
+    i = rng.choice(_draw_order(len(x)))
     moved = list(x)
     moved[i] += rng.uniform(-s, s) * config.step_scale[i]
-    return _clip_round(tuple(moved), config)
-
-
-def _mutate(rng: random.Random, config: AnnealConfig, x: Vector, s: float) -> Vector:
-    return _clip_round(tuple(v + rng.uniform(-s, s) * k for v, k in zip(x, config.step_scale)), config)
+    return _clip(tuple(moved), config)
 
 
 def step(energy: Energy, config: AnnealConfig, state: AnnealState) -> EvalRecord:
     """Perform exactly one energy evaluation and return its record."""
     if state.phase == "done":
         raise ValueError("annealing already finished: nothing to step")
+    if state.phase == "seeding":
+        return _seed_step(energy, config, state)
+    if state.pending is not None:
+        return _restart_step(energy, config, state)
+    return _neighbour_step(energy, config, state)
+
+
+def _seed_step(energy: Energy, config: AnnealConfig, state: AnnealState) -> EvalRecord:
+    """Evaluate the next seed; the best seed so far is current and best."""
+    cand = config.seeds[state.seed_index]
+    e = float(energy(cand))
+    accepted = state.e_best is None or e < state.e_best
+    cur, e_cur = (cand, e) if accepted else (state.current, state.e_current)
+    nxt = state.seed_index + 1
+    new = replace(state, phase="seeding" if nxt < len(config.seeds) else "iterating",
+                  seed_index=nxt, evaluations=state.evaluations + 1,
+                  current=cur, e_current=e_cur, best=cur, e_best=e_cur)
+    return EvalRecord("seed", state.seed_index, cand, e, accepted, state.t, new)
+
+
+def _restart_step(energy: Energy, config: AnnealConfig, state: AnnealState) -> EvalRecord:
+    """Evaluate the pending restart: it becomes current unconditionally, T goes back to t_init.
+
+    It belongs to the iteration that triggered it (no iteration used up) and never unlocks reheating.
+    """
+    cand = state.pending
+    e = float(energy(cand))
+    best, e_best = (cand, e) if e < state.e_best else (state.best, state.e_best)
+    stop = "max_iters" if state.iteration >= config.iters else None
+    new = replace(state, phase="done" if stop else "iterating", t=config.t_init,
+                  evaluations=state.evaluations + 1, current=cand, e_current=e, best=best, e_best=e_best,
+                  pending=None, stop_reason=stop)
+    return EvalRecord("restart", state.iteration, cand, e, True, state.t, new)
+
+
+def _neighbour_step(energy: Energy, config: AnnealConfig, state: AnnealState) -> EvalRecord:
+    """One iteration: neighbour, Metropolis test, cooling, then the stagnation rule."""
     rng = random.Random()
     rng.setstate(state.rng)
-    if state.phase == "seeding":
-        cand = _clip_round(config.seeds[state.seed_index], config)
-        e = float(energy(cand))
-        accepted = state.e_best is None or e < state.e_best
-        cur, e_cur = (cand, e) if accepted else (state.current, state.e_current)
-        nxt = state.seed_index + 1
-        new = replace(state, phase="seeding" if nxt < len(config.seeds) else "iterating",
-                      seed_index=nxt, evaluations=state.evaluations + 1,
-                      current=cur, e_current=e_cur, best=cur, e_best=e_cur)
-        return EvalRecord("seed", state.seed_index, cand, e, accepted, state.t, new)
-
     it, t = state.iteration + 1, state.t
-    if state.pending is not None:
-        kind, cand = "restart", state.pending
-    else:
-        kind, cand = "neighbour", _neighbour(rng, config, state.current, _step_size(config, t))
+    cand = _neighbour(rng, config, state.current, _step_size(config, t))
     e = float(energy(cand))
-    # Metropolis; a restart candidate replaces current unconditionally.
-    accepted = kind == "restart" or e < state.e_current or rng.random() < math.exp(-(e - state.e_current) / t)
+    # Metropolis: the acceptance draw is made only when the neighbour is not better (as the reference).
+    accepted = e < state.e_current or rng.random() < math.exp(-(e - state.e_current) / t)
     cur, e_cur = (cand, e) if accepted else (state.current, state.e_current)
-    improved = e_cur < state.e_best
-    best, e_best = (cur, e_cur) if improved else (state.best, state.e_best)
-    no_improve = 0 if improved else state.no_improve + 1
+    new_best = e < state.e_best  # a new global best is always better than current, hence accepted
+    best, e_best = (cand, e) if new_best else (state.best, state.e_best)
+    no_improve = 0 if new_best else state.no_improve + 1
+    unlocked = state.reheat_unlocked or (new_best and -e > config.reheat_min_score)
     t_next, reheats, restarts, pending, stop = t * config.alpha, state.reheats, state.restarts, None, None
 
-    if it >= config.iters:
-        stop = "max_iters"
-    elif config.rule == "t-floor":
-        if t_next < config.t_floor:
+    if config.rule == "t-floor":
+        if it >= config.iters:
+            stop = "max_iters"
+        elif t_next < config.t_floor:
             t_next, restarts = config.t_init, restarts + 1
             if restarts > config.max_restarts:
                 stop = "t_floor"
-    elif no_improve >= config.patience_iters:
-        no_improve = 0
-        if -e_best > config.reheat_min_score and reheats < config.max_reheats:
-            t_next, reheats = t_next * config.reheat_factor, reheats + 1
-        elif restarts < config.max_restarts:
-            restarts += 1
-            pending = _mutate(rng, config, best, config.restart_mult * _step_size(config, t_next))
-        else:
-            stop = "stagnation"
+    else:
+        if no_improve >= config.patience_iters:  # checked after every iteration, the last one included
+            no_improve = 0
+            if unlocked and reheats < config.max_reheats:
+                t_next, reheats = t_next * config.reheat_factor, reheats + 1
+            elif restarts < config.max_restarts:
+                restarts += 1
+                pending = _neighbour(rng, config, best, _step_size(config, config.restart_t_mult * config.t_init))
+            else:
+                stop = "stagnation"
+        if stop is None and pending is None and it >= config.iters:
+            stop = "max_iters"
 
     new = replace(state, phase="done" if stop else "iterating", rng=rng.getstate(), t=t_next,
                   iteration=it, evaluations=state.evaluations + 1, current=cur, e_current=e_cur,
-                  best=best, e_best=e_best, no_improve=no_improve, reheats=reheats,
+                  best=best, e_best=e_best, no_improve=no_improve, reheat_unlocked=unlocked, reheats=reheats,
                   restarts=restarts, pending=pending, stop_reason=stop)
-    return EvalRecord(kind, it, cand, e, accepted, t, new)
+    return EvalRecord("neighbour", it, cand, e, accepted, t, new)
 
 
 def anneal(energy: Energy, config: AnnealConfig, *, state: Optional[AnnealState] = None,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from crdiff_cli.errors import CrdiffError
 
-FORMAT = "crdiff-search-journal/1"
+FORMAT = "crdiff-search-journal/2"  # /2: the reference code's loop move for move (issue 12)
+OLD_FORMATS = ("crdiff-search-journal/1",)  # written by an older search rule: its states cannot continue here
 
 
 def default_journal_path(profile: Path) -> Path:
@@ -43,6 +44,10 @@ def read_journal(path: Path) -> tuple[dict | None, list[dict], int]:
     if not parsed:
         return None, [], durable
     header = parsed[0]
+    if header.get("format") in OLD_FORMATS:
+        raise CrdiffError(f"journal {path} was written by an older crdiff whose search rule differs "
+                          f"({header['format']}); it cannot be resumed: start a new search (--overwrite) or "
+                          "use another --journal")
     if header.get("format") != FORMAT:
         raise CrdiffError(f"{path} is not a crdiff search journal (expected \"format\": \"{FORMAT}\" on line 1)")
     return header, parsed[1:], durable

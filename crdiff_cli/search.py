@@ -9,9 +9,10 @@ the UNet. The reference objective scores the pruned model alone (``k = 1``); ``k
 and ``search_k`` anneals k as a fourth coordinate.
 
 Every annealer step is journaled (:mod:`crdiff_cli.journal`) with its full state, so a killed search
-resumes exactly; identical candidates (to the annealer's 4 decimals) are scored once, and the cache
-is rebuilt from the journal on resume. A candidate whose generation or scoring raises is recorded
-with its error and scored ``fail_score`` (the reference's -2.0); only KeyboardInterrupt stops a search.
+resumes exactly; candidates equal to 4 decimals (the reference's cache key) are scored once, and the
+cache is rebuilt from the journal on resume. As in the reference, an image whose generation or scoring
+raises scores ``fail_score`` (-2.0) while the others keep theirs, and a candidate with any failure is
+not cached (it is scored again if it comes back); only KeyboardInterrupt stops a search.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from crdiff_cli.ratios import Ratios
 
 REFERENCE_IMAGE_SEED = 24432
 REFERENCE_FAIL_SCORE = -2.0
+REFERENCE_NEGATIVE_PROMPT = ""  # the reference's search passes "" (for SDXL, "" and None condition differently)
+CACHE_DECIMALS = 4  # the reference's score cache is keyed by the ratios rounded to 4 decimals
 DEFAULT_K_BOUNDS = (1.0, 2.0)  # --search-k: around the reference default 1.5 and the card's 1.2
 DEFAULT_K_START = 1.5
 
@@ -41,6 +44,18 @@ DEFAULT_K_START = 1.5
 def prompts_sha256(prompts: list[str] | tuple[str, ...]) -> str:
     """Hash of the prompt set (one per line, in order): what a profile and a journal record about it."""
     return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+
+
+def cache_key(candidate: tuple[float, ...]) -> tuple[float, ...]:
+    """The score cache's key: a repeat within 4 decimals reuses the earlier score (the candidate stays exact)."""
+    return tuple(round(x, CACHE_DECIMALS) for x in candidate)
+
+
+def search_settings(resolution, steps: int = 30, guidance: float = 7.5,
+                    negative_prompt: str | None = REFERENCE_NEGATIVE_PROMPT, scheduler: str | None = None):
+    """:class:`GenerationSettings` with a search's defaults: the reference's 30 steps, guidance 7.5 and
+    negative prompt ``""`` (GenerationSettings' own default, ``None``, conditions SDXL differently)."""
+    return GenerationSettings(resolution, steps, guidance, negative_prompt, scheduler)
 
 
 def k_search_config(config: AnnealConfig, k_bounds: tuple[float, float] = DEFAULT_K_BOUNDS,
@@ -119,8 +134,8 @@ class Evaluation:
 
     number: int  # 1-based position in the journal (seeds included)
     record: EvalRecord
-    score: float  # mean score over prompts x image seeds (fail_score on failure)
-    scores: tuple[float, ...] = ()
+    score: float  # mean score over prompts x image seeds (a failed image counts fail_score)
+    scores: tuple[float, ...] = ()  # per image, prompt-major
     error: str | None = None
     cached: bool = False  # an identical earlier candidate's result was reused
     seconds: dict = field(default_factory=dict, compare=False)  # prune, generate, score, total
@@ -198,41 +213,67 @@ class _Evaluator:
         self.last: tuple[_Outcome, bool, dict] | None = None
 
     def __call__(self, candidate) -> float:
-        key = tuple(round(x, 4) for x in candidate)
+        key = cache_key(candidate)
         started = time.perf_counter()
         cached = key in self.cache
         if cached:
             outcome, seconds = self.cache[key], {}
         else:
             outcome, seconds = self._evaluate(candidate)
-            self.cache[key] = outcome
+            if outcome.error is None:  # as the reference: a candidate with a failure is scored again next time
+                self.cache[key] = outcome
         seconds["total"] = time.perf_counter() - started
         self.last = (outcome, cached, seconds)
         return -outcome.score
 
     def _evaluate(self, candidate) -> tuple[_Outcome, dict]:
+        """Score every (prompt, image seed); one that fails scores ``fail_score``, the others keep theirs."""
         plan, clock = self.plan, time.perf_counter
         seconds = {"prune": 0.0, "generate": 0.0, "score": 0.0}
+        pairs = [(p, s) for p in plan.prompts for s in plan.image_seeds]
+        t0 = clock()
         try:
-            t0 = clock()
             ratios, k = plan.decode(candidate)
             self.dual.set_spec(self.stats.spec(ratios))
             self.dual.k = k
-            t1 = clock()
-            seconds["prune"] = t1 - t0
-            pairs = [(p, s) for p in plan.prompts for s in plan.image_seeds]
-            images = [generate_image(self.loaded.pipe, p, s, plan.settings) for p, s in pairs]
-            t2 = clock()
-            seconds["generate"] = t2 - t1
-            scores = tuple(float(x) for x in self.scorer.score(images, [p for p, _ in pairs]))
-            seconds["score"] = clock() - t2
-            if len(scores) != len(pairs):
-                raise ValueError(f"scorer returned {len(scores)} scores for {len(pairs)} images")
-            if not all(math.isfinite(x) for x in scores):
-                raise ValueError(f"scorer returned a non-finite score: {scores}")
-            return _Outcome(sum(scores) / len(scores), scores, None), seconds
+            results = None
         except Exception as exc:  # noqa: BLE001 - one bad candidate must not end a long search
-            return _Outcome(plan.fail_score, (), f"{type(exc).__name__}: {exc}"[:500]), seconds
+            results = [(plan.fail_score, _error_text(exc))] * len(pairs)
+        seconds["prune"] = clock() - t0
+        if results is None:
+            results = [self._score_image(p, s, seconds) for p, s in pairs]
+        scores = tuple(score for score, _ in results)
+        errors = [error for _, error in results if error is not None]
+        return _Outcome(sum(scores) / len(scores), scores, _failure_summary(errors, len(pairs))), seconds
+
+    def _score_image(self, prompt: str, seed: int, seconds: dict) -> tuple[float, str | None]:
+        """(score, None) for one image, or (``fail_score``, the error); adds its timings to ``seconds``."""
+        clock = time.perf_counter
+        try:
+            t0 = clock()
+            image = generate_image(self.loaded.pipe, prompt, seed, self.plan.settings)
+            t1 = clock()
+            seconds["generate"] += t1 - t0
+            scores = [float(x) for x in self.scorer.score([image], [prompt])]
+            seconds["score"] += clock() - t1
+            if len(scores) != 1:
+                raise ValueError(f"scorer returned {len(scores)} scores for 1 image")
+            if not math.isfinite(scores[0]):
+                raise ValueError(f"scorer returned a non-finite score: {scores[0]}")
+            return scores[0], None
+        except Exception as exc:  # noqa: BLE001 - one bad image must not end a long search
+            return self.plan.fail_score, _error_text(exc)
+
+
+def _error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def _failure_summary(errors: list[str], images: int) -> str | None:
+    """The journal's ``error``: None, or the first failure (and how many of the images failed)."""
+    if not errors:
+        return None
+    return errors[0] if len(errors) == 1 else f"{errors[0]} ({len(errors)} of {images} images failed)"
 
 
 def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, resume: bool = False,
@@ -269,8 +310,8 @@ def _anneal_resident(loaded, scorer, plan: SearchPlan, history: list[Evaluation]
     """Anneal to the end on the loaded models, appending each step to ``history`` (and the journal)."""
     from crdiff_cli.search_thresholds import search_stats  # imports torch: only when a search runs
 
-    cache = {tuple(round(x, 4) for x in e.record.candidate): _Outcome(e.score, e.scores, e.error)
-             for e in history if not e.cached}
+    cache = {cache_key(e.record.candidate): _Outcome(e.score, e.scores, e.error)
+             for e in history if not e.cached and e.error is None}
     stats = search_stats(loaded.unet)
     set_scheduler(loaded.pipe, plan.settings.scheduler)
     dual = attach_dual(loaded, stats.spec(plan.decode(plan.config.seeds[0])[0]), 1.0, masks)

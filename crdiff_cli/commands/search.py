@@ -63,7 +63,8 @@ def search(
                                "pickscore:MODEL, tiny (offline test scorer) or an installed plugin's name."),
     iters: int = typer.Option(120, "--iters", help="Annealing iterations (reference 120); seeds are extra."),
     steps: int = typer.Option(30, "--steps", help="Denoising steps per image (reference 30)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the annealer's random moves (same seed, same search)."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the annealer's random moves (same seed, same search; "
+                             "reference 42)."),
     image_seeds: str = typer.Option("24432", "--image-seeds", help="Comma-separated generator seeds; one image "
                                     "per prompt and seed (reference: 24432)."),
     init: str = typer.Option("0.3/0.3/0.3", "--init", help="Starting ratio set(s) D/M/U[,D/M/U...]; the best "
@@ -74,19 +75,20 @@ def search(
                                  "(t-floor rule) before stopping (reference 2)."),
     bounds: str = typer.Option("0.1:0.8", "--bounds", help="LO:HI bounds of every ratio, within [0, 1) "
                                "(reference 0.1:0.8)."),
-    rule: str = typer.Option("patience", "--rule", help="Stagnation rule: 'patience' (reference code: reheat or "
-                             "restart after max(5, 20% of iters) steps without improvement) or 't-floor' (the "
-                             "paper's Algorithm 1: reset T when it falls below 1e-3)."),
+    rule: str = typer.Option("patience", "--rule", help="Stagnation rule: 'patience' (the reference code's loop, "
+                             "move for move: reheat or restart after max(5, 20% of iters) iterations without a new "
+                             "best) or 't-floor' (the paper's Algorithm 1: reset T when it falls below 1e-3)."),
     k: Optional[float] = typer.Option(None, "--k", help="Score with POA at this k (dense + pruned UNet). Default: "
                                       "the pruned model alone, as the reference. With --search-k: k's start value "
                                       "(default 1.5)."),
     search_k: bool = typer.Option(False, "--search-k", help="Also anneal k (POA on) as a 4th coordinate within "
                                   "--k-bounds. Goes beyond the paper."),
     k_bounds: str = typer.Option("1.0:2.0", "--k-bounds", help="LO:HI bounds of k for --search-k."),
-    fail_score: float = typer.Option(-2.0, "--fail-score", help="Score given to a candidate whose generation or "
-                                     "scoring fails (reference -2.0)."),
+    fail_score: float = typer.Option(-2.0, "--fail-score", help="Score of an image whose generation or scoring "
+                                     "fails; the candidate's other images keep theirs (reference -2.0)."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (reference: \"\", "
+                                        "recorded in the profile)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, pndm, euler, euler-a, dpm++, lms, "
                                             "heun or unipc (default: the model's own)."),
     journal: Optional[Path] = typer.Option(None, "--journal", help="JSONL journal of every step (default: "
