@@ -20,7 +20,8 @@ from crdiff_cli.generate import GenerationSettings
 from crdiff_cli.journal import FORMAT, check_journal, read_journal
 from crdiff_cli.profile_table import Profile
 from crdiff_cli.resolution import Resolution
-from crdiff_cli.search import SearchPlan, k_search_config, search
+from crdiff_cli.search import SearchPlan, cache_key, k_search_config, search, search_settings
+from reference_loop import reference_search
 
 RES = Resolution(64, 64)
 PROMPTS = ("a red cube on a table", "a lighthouse at night")
@@ -93,13 +94,15 @@ def test_search_journals_every_step_and_leaves_model_untouched(load_tiny, tiny_s
 
 
 def test_profile_roundtrips_with_search_metadata(tiny_readonly, tiny_scorer):
-    result = search(tiny_readonly["tiny"], tiny_scorer, plan(iters=1, prompts=PROMPTS[:1]))
+    settings = search_settings(RES, steps=2)  # a search's defaults: negative prompt "" as the reference
+    result = search(tiny_readonly["tiny"], tiny_scorer, SearchPlan(PROMPTS[:1], settings, AnnealConfig(iters=1)))
     profile = result.profile("mine")
     back = Profile.from_dict(json.loads(json.dumps(profile.to_dict())), "mine.json")
     assert back == profile and back.family == "sd15" and back.resolution == RES
     assert back.extra["score"] == result.score and back.extra["k"] is None and back.extra["scored_k"] == 1.0
     assert back.extra["model"] == "tiny" and back.extra["scorer"] == "tiny" and back.extra["steps"] == 2
     assert back.extra["search"]["evaluations"] == 2 and back.extra["search"]["image_seeds"] == [24432]
+    assert back.extra["search"]["negative_prompt"] == "" and back.extra["search"]["seed"] == 42
     assert "Specific CR-Diff" in back.source
     assert len(back.extra["prompts_sha256"]) == 64
 
@@ -116,30 +119,57 @@ def test_identical_candidates_are_scored_once(tiny_readonly, tiny_scorer):
     # Bounds this narrow make most moves clip to a bound, so candidates repeat.
     scorer = Counting(tiny_scorer)
     result = search(tiny_readonly["tiny"], scorer, plan(iters=12, bounds=(0.3, 0.31), prompts=PROMPTS[:1]))
-    candidates = [e.record.candidate for e in result.history]
-    assert len(set(candidates)) < len(candidates)
-    assert scorer.calls == len(set(candidates)) == result.computed
+    keys = [cache_key(e.record.candidate) for e in result.history]
+    assert len(set(keys)) < len(keys)
+    assert scorer.calls == len(set(keys)) == result.computed
     first = {}
-    for e in result.history:
+    for e, key in zip(result.history, keys):
         if e.cached:
-            assert e.record.energy == first[e.record.candidate].record.energy and e.seconds.get("generate") is None
+            assert e.record.energy == first[key].record.energy and e.seconds.get("generate") is None
         else:
-            assert e.record.candidate not in first
-            first[e.record.candidate] = e
+            assert key not in first
+            first[key] = e
 
 
 # --- failures ---------------------------------------------------------------------------------------
 
-def test_scorer_failure_is_recorded_and_scored_fail_score(tiny_readonly, tiny_scorer, tmp_path):
-    scorer = Counting(tiny_scorer, fail=lambda call: RuntimeError("CUDA out of memory (simulated)") if call % 2 else None)
-    result = search(tiny_readonly["tiny"], scorer, plan(iters=4, prompts=PROMPTS[:1], fail_score=-5.0),
+class FailsOnPrompt:
+    """A user scorer around the tiny one that raises whenever it is asked to score ``bad``'s image."""
+
+    def __init__(self, inner, bad, name="tiny"):
+        self.inner, self.bad, self.name, self.calls = inner, bad, name, 0
+
+    def score(self, images, prompts):
+        self.calls += 1
+        if self.bad in prompts:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self.inner.score(images, prompts)
+
+
+def test_failing_prompt_scores_fail_score_others_keep_theirs_and_nothing_is_cached(tiny_readonly, tiny_scorer,
+                                                                                   tmp_path):
+    scorer = FailsOnPrompt(tiny_scorer, PROMPTS[1])
+    result = search(tiny_readonly["tiny"], scorer, plan(iters=6, bounds=(0.3, 0.31), fail_score=-5.0),
                     journal=tmp_path / "j.jsonl")
     _, entries, _ = read_journal(tmp_path / "j.jsonl")
-    failed = [e for e in entries if e["error"]]
-    assert len(entries) == 5 and len(failed) == 3 and result.failures == 3
-    assert all(e["error"] == "RuntimeError: CUDA out of memory (simulated)" for e in failed)
-    assert all(e["score"] == -5.0 and e["energy"] == 5.0 and e["scores"] == [] for e in failed)
-    assert result.score > 0  # the best is a candidate that did score
+    assert all(e["error"] == "RuntimeError: CUDA out of memory (simulated)" for e in entries)
+    assert all(e["scores"][1] == -5.0 and e["scores"][0] != -5.0 for e in entries)
+    assert all(e["score"] == (e["scores"][0] - 5.0) / 2 and e["energy"] == -e["score"] for e in entries)
+    # A candidate with a failure is not cached: its repeats (narrow bounds) are generated and scored again.
+    keys = [cache_key(tuple(e["candidate"])) for e in entries]
+    assert len(set(keys)) < len(keys) and not any(e["cached"] for e in entries)
+    assert scorer.calls == 2 * len(entries) and result.failures == len(entries)  # one scorer call per image
+    # The good prompt's score is the one it gets in a search where nothing fails.
+    alone = search(tiny_readonly["tiny"], tiny_scorer, plan(iters=1, prompts=PROMPTS[:1]))
+    assert entries[0]["scores"][0] == alone.history[0].score
+
+
+def test_transient_failure_is_scored_again_when_the_candidate_returns(tiny_readonly, tiny_scorer):
+    scorer = Counting(tiny_scorer, fail=lambda call: RuntimeError("CUDA out of memory (simulated)") if call == 1 else None)
+    result = search(tiny_readonly["tiny"], scorer, plan(iters=6, bounds=(0.3, 0.31), prompts=PROMPTS[:1]))
+    seed_again = [e for e in result.history[1:] if e.record.candidate == (0.3, 0.3, 0.3)]
+    assert result.history[0].error and result.history[0].score == -2.0 and result.failures == 1
+    assert seed_again and not seed_again[0].cached and seed_again[0].error is None and seed_again[0].score > 0
 
 
 def test_non_finite_score_counts_as_failure(tiny_readonly, tiny_scorer):
@@ -173,16 +203,30 @@ def test_keyboard_interrupt_stops_the_search_and_resume_finishes_it(load_tiny, t
 
 # --- journal and resume -----------------------------------------------------------------------------
 
+FULL = dict(iters=10, bounds=(0.3, 0.32), prompts=PROMPTS[:1], seed=0)
+
+
 @pytest.fixture(scope="module")
 def full_run(tiny_readonly, tiny_scorer, tmp_path_factory):
-    """An uninterrupted 8-iteration search with repeats (narrow bounds) and its journal."""
+    """An uninterrupted 10-iteration search with repeats (narrow bounds) and two restarts, the second one
+    on the last iteration, and its journal."""
     path = tmp_path_factory.mktemp("full") / "j.jsonl"
-    result = search(tiny_readonly["tiny"], tiny_scorer, plan(iters=8, bounds=(0.3, 0.32), prompts=PROMPTS[:1]),
-                    journal=path)
+    result = search(tiny_readonly["tiny"], tiny_scorer, plan(**FULL), journal=path)
     return result, path
 
 
-@pytest.mark.parametrize("cut", [0, 1, 4, 9])
+def test_full_run_has_restarts_and_equals_the_reference_loop(full_run):
+    history = full_run[0].history
+    assert [(e.number, e.record.iteration) for e in history if e.record.kind == "restart"] == [(7, 5), (13, 10)]
+    # The reference loop fed with the scores this search measured makes the same candidates.
+    scores = {cache_key(e.record.candidate): e.score for e in history if not e.cached}
+    evaluations, best, best_score, stop = reference_search(lambda *r: scores[cache_key(r)], iterations=10,
+                                                           lo=0.3, hi=0.32, rng_seed=0)
+    assert [(e.record.kind, e.record.candidate) for e in history] == evaluations
+    assert (full_run[0].ratios.as_tuple(), full_run[0].score, full_run[0].stop_reason) == (best, best_score, stop)
+
+
+@pytest.mark.parametrize("cut", [0, 4, 5, 6, 11, 12])
 def test_torn_last_line_is_cut_and_that_step_rerun(full_run, tiny_readonly, tiny_scorer, tmp_path, cut):
     result, full_path = full_run
     lines = full_path.read_bytes().split(b"\n")[:-1]
@@ -190,7 +234,7 @@ def test_torn_last_line_is_cut_and_that_step_rerun(full_run, tiny_readonly, tiny
     path = tmp_path / "j.jsonl"
     path.write_bytes(b"".join(line + b"\n" for line in lines[: cut + 1]) + torn)
     scorer = Counting(tiny_scorer)
-    resumed = search(tiny_readonly["tiny"], scorer, plan(iters=8, bounds=(0.3, 0.32), prompts=PROMPTS[:1]),
+    resumed = search(tiny_readonly["tiny"], scorer, plan(**FULL),
                      journal=path, resume=True)
     entries = read_journal(path)[1]
     assert comparable(entries) == comparable(read_journal(full_path)[1])
@@ -211,7 +255,7 @@ def test_resume_of_finished_search_evaluates_nothing(full_run, tiny_readonly, ti
     path = tmp_path / "j.jsonl"
     path.write_bytes(full_path.read_bytes())
     scorer = Counting(tiny_scorer)
-    again = search(tiny_readonly["tiny"], scorer, plan(iters=8, bounds=(0.3, 0.32), prompts=PROMPTS[:1]),
+    again = search(tiny_readonly["tiny"], scorer, plan(**FULL),
                    journal=path, resume=True)
     assert scorer.calls == 0 and path.read_bytes() == full_path.read_bytes()
     assert (again.ratios, again.score, again.stop_reason) == (result.ratios, result.score, result.stop_reason)
@@ -235,7 +279,7 @@ def test_damaged_journal_line_is_refused(full_run, tmp_path):
 def test_resume_refuses_a_different_search(full_run, tiny_readonly, tiny_scorer, tmp_path, change, key):
     path = tmp_path / "j.jsonl"
     path.write_bytes(full_run[1].read_bytes())
-    kwargs = dict(iters=8, bounds=(0.3, 0.32), prompts=PROMPTS[:1]) | change
+    kwargs = FULL | change
     with pytest.raises(CrdiffError, match=rf"different search \({key}[:.]"):
         search(tiny_readonly["tiny"], tiny_scorer, plan(**kwargs), journal=path, resume=True)
 
@@ -314,7 +358,7 @@ def test_live_view_on_and_off_a_terminal(full_run, terminal):
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=terminal, width=200, color_system=None)
     history = full_run[0].history
-    with SearchView(console, 8, False) as view:
+    with SearchView(console, 10, False) as view:
         for e in history:
             view.update(e)
     text = buffer.getvalue()
@@ -324,5 +368,5 @@ def test_live_view_on_and_off_a_terminal(full_run, terminal):
         assert "crdiff search" in text and "\x1b[" in text  # redrawn in place
     else:
         lines = text.splitlines()
-        assert len(lines) == len(history) and lines[-1].startswith("[9] 8/8")
+        assert len(lines) == len(history) and lines[-1].startswith("[13] 10/10 (restart)")
         assert [line.split("->")[1].split()[2:3] == ["cached"] for line in lines] == [e.cached for e in history]
