@@ -223,7 +223,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--evals", type=int, default=5, help="evaluations of our search (seed + neighbours)")
     p.add_argument("--ref-evals", type=int, default=2, help="reference-style evaluations (one process each)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=42, help="the annealer's seed (crdiff search's default, the reference's)")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("CRDIFF_CACHE", Path.home() / ".cache/crdiff"))
                    / "bench-search")
     p.add_argument("--child", choices=("ours", "reference"), help=argparse.SUPPRESS)

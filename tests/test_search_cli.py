@@ -38,8 +38,11 @@ def test_search_writes_profile_trace_and_journal_usable_by_prune_and_generate(ti
     assert profile["format"] == "crdiff-profile/1" and profile["family"] == "sd15" and profile["resolution"] == "64x64"
     assert profile["model"] == "tiny" and profile["scorer"] == "tiny" and profile["steps"] == 2
     assert profile["prompts"] == 2 and profile["search"]["image_seeds"] == [1, 2]
+    # The reference's defaults: annealer seed 42, negative prompt "" (recorded with the ratios).
+    assert profile["search"]["seed"] == 42 and profile["search"]["negative_prompt"] == ""
     header, entries, _ = read_journal(tmp_path / "best.journal.jsonl")
     assert header["identity"]["image_seeds"] == [1, 2] and len(entries) == 4
+    assert header["identity"]["negative_prompt"] == "" and header["identity"]["anneal"]["seed"] == 42
     assert all(len(e["scores"]) == 4 for e in entries)  # 2 prompts x 2 image seeds
     best = min(entries, key=lambda e: e["energy"])
     assert list(profile["ratios"].values()) == best["candidate"] and profile["score"] == best["score"]
@@ -138,6 +141,21 @@ def test_missing_prompts_file_and_journal_mismatch(tiny_dirs, tmp_path):
         result = invoke(*args)
         assert result.exit_code == 2 and f"different search ({key}" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_journal_of_the_old_rule_is_refused_on_resume(tiny_dirs, tmp_path):
+    args = ["search", *BASE, "--prompt", "a cube", "--iters", "1", "--out", tmp_path / "p.json"]
+    assert invoke(*args).exit_code == 0
+    journal = tmp_path / "p.journal.jsonl"
+    lines = journal.read_text().splitlines()
+    lines[0] = lines[0].replace("crdiff-search-journal/2", "crdiff-search-journal/1")
+    journal.write_text("\n".join(lines) + "\n")
+    old = journal.read_bytes()
+    result = invoke(*args, "--resume")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "written by an older crdiff whose search rule differs (crdiff-search-journal/1)" in result.stderr
+    assert "--overwrite" in result.stderr and journal.read_bytes() == old
+    assert invoke(*args, "--overwrite").exit_code == 0  # starting afresh replaces it
 
 
 # --- the crash test: SIGKILL mid-search, resume, compare with an uninterrupted run ---------------------
