@@ -49,26 +49,30 @@ def check_available() -> None:
         raise CrdiffError(f"the fid metric needs torch-fidelity's Inception network: {INSTALL_HINT}")
 
 
-def fid_class():
-    """torchmetrics' ``FrechetInceptionDistance`` with torch-fidelity importable without torchvision."""
-    check_available()
-    if "torch_fidelity" not in sys.modules:
-        spec = importlib.util.find_spec("torch_fidelity")
+def _torchmetrics_fid():
+    """``torchmetrics.image.fid``, importing torch-fidelity (if installed) as a bare package first."""
+    spec = None if "torch_fidelity" in sys.modules else importlib.util.find_spec("torch_fidelity")
+    if spec is not None:
         bare = types.ModuleType("torch_fidelity")
-        bare.__path__ = list(spec.submodule_search_locations)
+        bare.__path__, bare.__spec__ = list(spec.submodule_search_locations), spec
         sys.modules["torch_fidelity"] = bare
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    import torchmetrics.image.fid
 
-    return FrechetInceptionDistance
+    return torchmetrics.image.fid
+
+
+def fid_class():
+    """torchmetrics' ``FrechetInceptionDistance``, with torch-fidelity's Inception importable without torchvision."""
+    check_available()
+    return _torchmetrics_fid().FrechetInceptionDistance
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)``, computed as torchmetrics does (float64)."""
     import torch
-    from torchmetrics.image.fid import _compute_fid
 
     t = [torch.as_tensor(x, dtype=torch.float64) for x in (mu1, sigma1, mu2, sigma2)]
-    return float(_compute_fid(*t))
+    return float(_torchmetrics_fid()._compute_fid(*t))
 
 
 class FidScorer:

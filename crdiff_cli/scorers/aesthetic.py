@@ -90,6 +90,16 @@ def _backbone_source(head_path: Path, version: str) -> str:
     return str(beside) if beside.is_dir() else BACKBONES[version]
 
 
+def _siglip_processor_class():
+    """The PIL-backed SigLIP image processor (same pixels with or without torchvision, as for CLIP)."""
+    try:
+        from transformers import SiglipImageProcessorPil
+        return SiglipImageProcessorPil
+    except ImportError:
+        from transformers import SiglipImageProcessor
+        return SiglipImageProcessor
+
+
 def _load_backbone(version: str, source: str, device: str):
     """``(embed(pixels) -> image embedding, image processor)`` from a local folder or the cache."""
     from crdiff_cli.scorers.clip import _image_processor_class
@@ -100,9 +110,9 @@ def _load_backbone(version: str, source: str, device: str):
             model = CLIPModel.from_pretrained(source, local_files_only=True).float().to(device).eval()
             processor = _image_processor_class().from_pretrained(source, local_files_only=True)
             return (lambda px: model.visual_projection(model.vision_model(pixel_values=px).pooler_output)), processor
-        from transformers import AutoImageProcessor, SiglipVisionModel
+        from transformers import SiglipVisionModel
         model = SiglipVisionModel.from_pretrained(source, local_files_only=True).float().to(device).eval()
-        processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
+        processor = _siglip_processor_class().from_pretrained(source, local_files_only=True)
         return (lambda px: model(pixel_values=px).pooler_output), processor
     except (OSError, ValueError) as exc:
         raise CrdiffError(f"aesthetic {version} needs its image backbone {source!r} locally ({type(exc).__name__}); "
