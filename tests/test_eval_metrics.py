@@ -67,8 +67,8 @@ def _images(folder: Path, seed: int, n: int, size=(40, 32)) -> list[Path]:
 def test_fid_through_torchmetrics_real_inception(tmp_path, inception_weights):
     from crdiff_cli.fid import FidScorer
 
-    refs = _images(tmp_path / "refs", 1, 5)
-    fakes = _images(tmp_path / "fakes", 2, 4, size=(24, 24))
+    refs = _images(tmp_path / "refs", 1, 3)
+    fakes = _images(tmp_path / "fakes", 2, 3, size=(24, 24))
     scorer = FidScorer(inception_weights, refs, batch_size=2)
 
     def features(paths):
