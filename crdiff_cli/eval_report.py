@@ -85,7 +85,7 @@ def _chart(rows, spec, variants, resolutions) -> str:
     axis = f"<line x1=36 x2={width} y1={y(0):.1f} y2={y(0):.1f} stroke='#999'/>"
     ticks = "".join(f"<text x=2 y={y(t) + 4:.1f} font-size=10>{t:.3g}</text>" for t in (low, high))
     title = f"<text x=40 y=12 font-size=12>{escape(LABELS[spec.name])} (95% CI)</text>"
-    return (f"<svg xmlns='http://www.w3.org/2000/svg' width={width} height={height} role=img>"
+    return (f"<svg width={width} height={height} role=img>"
             f"{title}{ticks}{axis}{''.join(parts)}</svg>")
 
 
