@@ -258,9 +258,10 @@ def finish(session: Session, items: list[WorkItem], variants: list[str], resolut
     names = [str(r) for r in resolutions]
     results = eval_results.compute(session.records, specs=session.specs, resolutions=names, variants=variants,
                                    variant_info=info, fid=fid)
-    run_info = {**session.identity, "ratios_used": {str(r): str(c.ratios) for r, c in ev.choices.items()}}
+    run_info = {**session.identity, "ratios_used": {str(r): str(c.ratios) for r, c in ev.choices.items()},
+                "scorers": {m.spec.name: m.scorer.name for m in ev.metrics}}  # e.g. which aesthetic predictor
     eval_results.write(session.out_dir, results, run_info)
-    page = eval_report.render(title=f"crdiff evaluate: {session.identity['model']}", run=session.identity,
+    page = eval_report.render(title=f"crdiff evaluate: {session.identity['model']}", run=run_info,
                               results=results, records=session.records, specs=session.specs, variants=variants,
                               resolutions=names, prompts=ev.prompts)
     eval_results.write_text(session.out_dir / REPORT, page)

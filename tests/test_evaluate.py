@@ -106,7 +106,7 @@ def test_results_files_and_table(tmp_path, tiny_dirs):
         assert float(p["win_rate"]) == pytest.approx(np.mean([d > 0 for d in diffs]) + 0.5 * np.mean([d == 0 for d in diffs]))
         assert 0 <= float(p["p_value"]) <= 1
     data = json.loads((out / "results.json").read_text())
-    assert len(data["results"]) == 6 and data["run"]["model"] == "tiny"
+    assert len(data["results"]) == 6 and data["run"]["model"] == "tiny" and data["run"]["scorers"] == {"tiny": "tiny"}
     assert "<svg" in (out / "report.html").read_text()
 
 
