@@ -13,6 +13,7 @@ functions are timed by wrapping them (generation: ``generate_images``; scoring: 
 command itself is run in fresh processes for each batch size (wall time, model loading included).
 
 Usage: python benchmarks/bench_evaluate.py [--workdir DIR] [--res 128x128] [--steps 2] [--prompts 4]
+       [--variants pruned,crdiff] [--no-process]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ PROMPTS = ["a photograph of an astronaut riding a horse", "a red fox in the snow
 
 def command(pipe_dir, clip_dir, prompts_file, out, args, batch_size) -> list[str]:
     return ["--model", str(pipe_dir), "--res", args.res, "--prompts", str(prompts_file), "--steps", str(args.steps),
-            "--variants", "pruned,crdiff", "--metrics", f"clip:{clip_dir}", "--batch-size", str(batch_size),
+            "--variants", args.variants, "--metrics", f"clip:{clip_dir}", "--batch-size", str(batch_size),
             "--ratios", "0.433/0.345/0.3", "--out", str(out)]
 
 
@@ -68,7 +69,7 @@ def in_process(pipe_dir, clip_dir, prompts_file, tmp: Path, args, batch_size: in
         assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
     finally:
         generate.generate_images, metrics.ImageMetric.score, evaluate.Session.run, evaluate.finish = originals
-    images = 2 * args.prompts
+    images = len(args.variants.split(",")) * args.prompts
     bookkeeping = spent["run"] - spent["generate"] - spent["score"] + spent["finish"]
     return {"batch_size": batch_size, "images": images, "generate_s": spent["generate"], "score_s": spent["score"],
             "bookkeeping_s": bookkeeping, "per_image_generate_s": spent["generate"] / images,
@@ -83,7 +84,8 @@ def whole_process(pipe_dir, clip_dir, prompts_file, tmp: Path, args, batch_size:
                     *command(pipe_dir, clip_dir, prompts_file, out, args, batch_size)], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t
-    return {"batch_size": batch_size, "wall_s": wall, "images_per_hour": 3600 * 2 * args.prompts / wall}
+    images = len(args.variants.split(",")) * args.prompts
+    return {"batch_size": batch_size, "wall_s": wall, "images_per_hour": 3600 * images / wall}
 
 
 def main() -> None:
@@ -92,6 +94,8 @@ def main() -> None:
     parser.add_argument("--res", default="128x128")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--variants", default="pruned,crdiff")
+    parser.add_argument("--no-process", action="store_true", help="skip the whole-process runs")
     args = parser.parse_args()
     pipe_dir, clip_dir = build(Path(args.workdir))
     tmp = Path(tempfile.mkdtemp(prefix="bench-evaluate-"))
@@ -104,7 +108,7 @@ def main() -> None:
                   f"({r['per_image_generate_s']:.2f}s/image), scoring {r['score_s']:.1f}s, bookkeeping "
                   f"{r['bookkeeping_s']:.3f}s = {r['bookkeeping_pct']:.2f}% of generation; "
                   f"{r['images_per_hour_gen_score']:.0f} images/h (generate+score+bookkeeping)", flush=True)
-        for b in (1, 4):
+        for b in () if args.no_process else (1, 4):
             r = whole_process(pipe_dir, clip_dir, prompts_file, tmp, args, b)
             print(f"whole process B={b}: {r['wall_s']:.1f}s wall (model loading included), "
                   f"{r['images_per_hour']:.0f} images/h", flush=True)
