@@ -11,13 +11,13 @@ import typer
 
 from crdiff_cli import __version__
 from crdiff_cli.cli_shared import out
-from crdiff_cli.commands import bake, generate, prune, search
+from crdiff_cli.commands import bake, evaluate, generate, prune, search
 
 app = typer.Typer(
     name="crdiff", no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
     pretty_exceptions_show_locals=False,
     help="CR-Diff for diffusers UNets: block-wise magnitude pruning ([bold]prune[/]), the paper's ratio "
-         "search ([bold]search[/]), dual-UNet artifacts ([bold]bake[/]) and text-to-image ([bold]generate[/]). "
+         "search ([bold]search[/]), dual-UNet artifacts ([bold]bake[/]), text-to-image ([bold]generate[/]) and the paper's evaluation protocol ([bold]evaluate[/]). "
          "Resolutions are HEIGHTxWIDTH, as in the paper (400x560 is 400 high, 560 wide).")
 
 
@@ -38,6 +38,7 @@ app.command()(prune.prune)
 app.command()(search.search)
 app.command()(bake.bake)
 app.command()(generate.generate)
+app.command()(evaluate.evaluate)
 app.command("profiles")(prune.profiles_cmd)
 
 

@@ -102,6 +102,18 @@ def denoising_calls(pipe, steps: int) -> int:
 def generate_image(pipe, prompt: str, seed: int, settings: GenerationSettings,
                    on_step: Callable[[], None] | None = None):
     """One image for ``prompt`` with a CPU generator seeded by ``seed``."""
+    return generate_images(pipe, [prompt], [seed], settings, on_step)[0]
+
+
+def generate_images(pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings,
+                    on_step: Callable[[], None] | None = None) -> list:
+    """One image per ``(prompts[i], seeds[i])`` in a single pipeline call, each with its own CPU generator.
+
+    The starting noise of image i depends only on ``seeds[i]``. A single image is requested exactly as
+    `crdiff generate` does (plain prompt and generator). Several images share the UNet and VAE calls,
+    whose CPU kernels round differently with the batch size, so pixels can differ by a level from the
+    one-at-a-time images (docs/evaluate.md).
+    """
     import torch
 
     def callback(_pipe, _step, _t, kwargs):
@@ -109,10 +121,20 @@ def generate_image(pipe, prompt: str, seed: int, settings: GenerationSettings,
             on_step()
         return kwargs
 
-    return pipe(prompt, negative_prompt=settings.negative_prompt, height=settings.resolution.height,
-                width=settings.resolution.width, num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance, generator=torch.Generator("cpu").manual_seed(seed),
-                callback_on_step_end=callback).images[0]
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    single = len(prompts) == 1
+    negative = settings.negative_prompt
+    return pipe(prompts[0] if single else list(prompts),
+                negative_prompt=negative if single or negative is None else [negative] * len(prompts),
+                height=settings.resolution.height, width=settings.resolution.width,
+                num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                generator=generators[0] if single else generators, callback_on_step_end=callback).images
+
+
+def crdiff_info(choice, spec, k: float, masks: str) -> dict:
+    """The model-info fields of a CR-Diff image (PNG ``crdiff`` chunk): k, ratios, where they came from."""
+    return dict(mode="crdiff", k=k, ratios=str(choice.ratios), ratios_origin=choice.origin,
+                thresholds=spec.thresholds(), masks=masks)
 
 
 def image_params(prompt: str, seed: int, settings: GenerationSettings, model_info: dict) -> dict:

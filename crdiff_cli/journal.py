@@ -1,4 +1,7 @@
-"""The search journal: an append-only JSONL file that makes `crdiff search` survive a kill.
+"""Journals: append-only JSONL files that make `crdiff search` and `crdiff evaluate` survive a kill.
+
+Described for the search (``kind="search"``); `crdiff evaluate` journals its scores the same way
+(``kind="evaluation"``: one line per scored image and metric).
 
 Line 1 is a header naming the search (``identity``: model, resolution, prompts hash, scorer, steps,
 image seeds, the annealer's config, ...). Every later line is one annealer step, written as soon as it
@@ -19,8 +22,17 @@ from pathlib import Path
 
 from crdiff_cli.errors import CrdiffError
 
-FORMAT = "crdiff-search-journal/2"  # /2: the reference code's loop move for move (issue 12)
+# /2 of the search journal: the reference code's loop move for move (issue 12)
+VERSIONS = {"search": 2, "evaluation": 1}
 OLD_FORMATS = ("crdiff-search-journal/1",)  # written by an older search rule: its states cannot continue here
+
+
+def journal_format(kind: str) -> str:
+    """The header's ``format`` of a journal of ``kind`` (``search``, ``evaluation``)."""
+    return f"crdiff-{kind}-journal/{VERSIONS[kind]}"
+
+
+FORMAT = journal_format("search")
 
 
 def default_journal_path(profile: Path) -> Path:
@@ -28,7 +40,7 @@ def default_journal_path(profile: Path) -> Path:
     return profile.with_name(f"{profile.stem}.journal.jsonl")
 
 
-def read_journal(path: Path) -> tuple[dict | None, list[dict], int]:
+def read_journal(path: Path, kind: str = "search") -> tuple[dict | None, list[dict], int]:
     """``(header, entries, durable_bytes)``; a torn final line is left out of both and of the byte count."""
     data = Path(path).read_bytes()
     lines, durable, parsed = data.split(b"\n"), 0, []
@@ -38,7 +50,7 @@ def read_journal(path: Path) -> tuple[dict | None, list[dict], int]:
         except ValueError:
             if number < len(lines) - 1:
                 raise CrdiffError(f"journal {path} is damaged at line {number} (not JSON); it cannot be resumed: "
-                                  "start a new search (--overwrite) or fix the file") from None
+                                  f"start a new {kind} (--overwrite) or fix the file") from None
             break  # torn last line that happens to end in a newline byte: treat as not written
         durable += len(line) + 1
     if not parsed:
@@ -48,19 +60,21 @@ def read_journal(path: Path) -> tuple[dict | None, list[dict], int]:
         raise CrdiffError(f"journal {path} was written by an older crdiff whose search rule differs "
                           f"({header['format']}); it cannot be resumed: start a new search (--overwrite) or "
                           "use another --journal")
-    if header.get("format") != FORMAT:
-        raise CrdiffError(f"{path} is not a crdiff search journal (expected \"format\": \"{FORMAT}\" on line 1)")
+    if header.get("format") != journal_format(kind):
+        raise CrdiffError(f"{path} is not a crdiff {kind} journal (expected \"format\": \"{journal_format(kind)}\" "
+                          "on line 1)")
     return header, parsed[1:], durable
 
 
-def check_identity(path: Path, header: dict, identity: dict) -> None:
+def check_identity(path: Path, header: dict, identity: dict, kind: str = "search") -> None:
     """Refuse to resume a journal written by a search with a different definition."""
     theirs, identity = _flat(header.get("identity", {})), _flat(identity)
     differ = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
     if differ:
         shown = "; ".join(f"{k}: journal {_short(theirs.get(k))} vs now {_short(identity.get(k))}" for k in differ[:3])
-        raise CrdiffError(f"journal {path} belongs to a different search ({shown}); resume with the same "
-                          "settings, or start a new search with another --journal or --overwrite")
+        raise CrdiffError(f"journal {path} belongs to a different {kind} ({shown}); resume with the same "
+                          f"settings, or start a new {kind} with another {'--journal' if kind == 'search' else '--out'} "
+                          "or --overwrite")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -79,7 +93,8 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_journal(path: Path, identity: dict | None, *, resume: bool, overwrite: bool) -> list[dict]:
+def check_journal(path: Path, identity: dict | None, *, resume: bool, overwrite: bool,
+                  kind: str = "search") -> list[dict]:
     """Validate the journal for a new or resumed search without writing; returns the entries to resume from.
 
     ``identity=None`` checks everything but the identity (for a caller that cannot build it yet).
@@ -91,14 +106,14 @@ def check_journal(path: Path, identity: dict | None, *, resume: bool, overwrite:
         raise CrdiffError(f"the folder {path.parent} for journal {path.name} does not exist; create it first")
     if not resume:
         if path.exists() and not overwrite:
-            raise CrdiffError(f"journal {path} already exists; continue that search with --resume, or start "
+            raise CrdiffError(f"journal {path} already exists; continue that {kind} with --resume, or start "
                               "over with --overwrite")
         return []
     if not path.is_file():
-        raise CrdiffError(f"no journal at {path} to resume; run without --resume to start a search")
-    header, entries, _ = read_journal(path)
+        raise CrdiffError(f"no journal at {path} to resume; run without --resume to start a {kind}")
+    header, entries, _ = read_journal(path, kind)
     if header is not None and identity is not None:
-        check_identity(path, header, identity)
+        check_identity(path, header, identity, kind)
     return entries
 
 
@@ -119,19 +134,20 @@ class Journal:
         self._file.close()
 
 
-def open_journal(path: Path, identity: dict, *, resume: bool, overwrite: bool) -> tuple[Journal, list[dict]]:
+def open_journal(path: Path, identity: dict, *, resume: bool, overwrite: bool,
+                 kind: str = "search") -> tuple[Journal, list[dict]]:
     """Open for appending: a fresh file with a header, or the resumed one cut back to its durable lines."""
     path = Path(path)
-    entries = check_journal(path, identity, resume=resume, overwrite=overwrite)
+    entries = check_journal(path, identity, resume=resume, overwrite=overwrite, kind=kind)
     if resume:
-        header, _, durable = read_journal(path)
+        header, _, durable = read_journal(path, kind)
         os.truncate(path, durable)  # drop a torn final line: that step will run again
     else:
         header = None
         path.unlink(missing_ok=True)
     journal = Journal(path)
     if header is None:  # new search, or a kill tore the very first line
-        journal.append({"format": FORMAT, "identity": identity})
+        journal.append({"format": journal_format(kind), "identity": identity})
         _fsync_dir(path.parent)
     return journal, entries
 

@@ -95,7 +95,7 @@ def generate(
     if warning:
         warn(warning)
 
-    from crdiff_cli.generate import attach_dual, denoising_calls, run, set_scheduler
+    from crdiff_cli.generate import attach_dual, crdiff_info, denoising_calls, run, set_scheduler
     from crdiff_cli.models import load_model
     from crdiff_cli.profile_table import choose_ratios
     from crdiff_cli.prune_spec import PruneSpec
@@ -120,8 +120,7 @@ def generate(
         spec = PruneSpec.from_unet(loaded.unet, choice.ratios)
         k = 1.5 if k is None else k
         dual = attach_dual(loaded, spec, k, masks)
-        info.update(mode="crdiff", k=k, ratios=str(choice.ratios), ratios_origin=choice.origin,
-                    thresholds=spec.thresholds(), masks=masks)
+        info.update(crdiff_info(choice, spec, k, masks))
     seeds = list(range(seed, seed + num_images))
     set_scheduler(loaded.pipe, scheduler)
     per_image = denoising_calls(loaded.pipe, steps) * (2 if compare else 1)

@@ -1,0 +1,268 @@
+"""`crdiff evaluate`: the paper's Table 7 / Table 8 protocol (dense, pruned, CR-Diff) on the user's model.
+
+Structure (so the item list can later be split across ranks, results gathered on one):
+
+1. :func:`work_items` — the deterministic, ordered list of :class:`WorkItem` (resolution, variant,
+   prompt index, seed); :func:`batches` cuts it into fixed batches (never across a resolution or variant),
+   so a batch holds the same images whatever was already done.
+2. :meth:`Evaluation.produce` — generates one batch (the `crdiff generate` code), writes its PNGs
+   atomically and scores them with every per-image metric; returns the score records.
+3. :func:`run` — the driver: skips batches whose records are all in ``scores.jsonl`` (and whose images
+   exist), appends and fsyncs the records of the others.
+
+Each variant of a (prompt, seed) has the same seed and settings. With batch size 1 an image is, bit for
+bit, what `crdiff generate` writes with ``--dense``, ``--k 1`` or ``--k K`` (same pixels, same PNG text);
+:func:`finalize` then computes FID, the summaries and the paired comparisons from the records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from crdiff_cli.errors import CrdiffError
+from crdiff_cli.resolution import Resolution
+
+VARIANTS = ("dense", "pruned", "crdiff")
+SCORES = "scores.jsonl"
+RESULTS_CSV, RESULTS_JSON, PAIRED_CSV, REPORT = "results.csv", "results.json", "paired.csv", "report.html"
+JOURNAL_KIND = "evaluation"
+COMPARISONS = (("crdiff", "pruned"), ("crdiff", "dense"))  # (a, b): a - b in paired.csv
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image to make and score."""
+
+    resolution: Resolution
+    variant: str
+    prompt_index: int
+    seed: int
+
+    @property
+    def image(self) -> str:
+        """Path of the PNG relative to the output folder."""
+        return f"images/{self.resolution}/{self.variant}/{self.prompt_index}_{self.seed}.png"
+
+    def key(self, metric: str | None) -> tuple:
+        return (str(self.resolution), self.variant, self.prompt_index, self.seed, metric)
+
+
+def work_items(resolutions: list[Resolution], variants: list[str], num_prompts: int, seeds: list[int]) -> list[WorkItem]:
+    """Every image, ordered by resolution, variant, prompt, seed."""
+    return [WorkItem(res, variant, index, seed) for res in resolutions for variant in variants
+            for index in range(num_prompts) for seed in seeds]
+
+
+def batches(items: list[WorkItem], size: int) -> list[list[WorkItem]]:
+    """Consecutive runs of ``size`` items of one (resolution, variant): fixed, whatever is already done."""
+    out: list[list[WorkItem]] = []
+    for item in items:
+        last = out[-1] if out else None
+        if last and len(last) < size and (last[0].resolution, last[0].variant) == (item.resolution, item.variant):
+            last.append(item)
+        else:
+            out.append([item])
+    return out
+
+
+def parse_variants(text: str) -> list[str]:
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise CrdiffError(f"--variants {text!r}: choose from {', '.join(VARIANTS)} (comma-separated)")
+    if len(set(variants)) != len(variants):
+        raise CrdiffError(f"--variants {text!r} names a variant twice")
+    return [v for v in VARIANTS if v in variants]
+
+
+def read_prompt_source(path: Path) -> list[str]:
+    """Prompts from a text file (one per line) or an MS-COCO captions JSON (``captions_val2014.json``).
+
+    From COCO, one caption per image: the annotation with the smallest id, images by ascending id.
+    ``--limit 5000`` then gives the 5K-prompt set described in docs/evaluate.md.
+    """
+    from crdiff_cli.generate import read_prompts
+
+    if path.suffix.lower() != ".json":
+        return read_prompts(path)
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        first: dict[int, tuple[int, str]] = {}
+        for ann in data["annotations"]:
+            image, ann_id, caption = int(ann["image_id"]), int(ann["id"]), " ".join(str(ann["caption"]).split())
+            if caption and (image not in first or ann_id < first[image][0]):
+                first[image] = (ann_id, caption)
+    except FileNotFoundError:
+        raise CrdiffError(f"prompts file {path} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CrdiffError(f"{path} is not an MS-COCO captions JSON (need annotations with image_id, id, caption: "
+                          f"{type(exc).__name__} {exc}); pass that file or a text file with one prompt per line") from None
+    if not first:
+        raise CrdiffError(f"{path} has no captions")
+    return [first[image][1] for image in sorted(first)]
+
+
+def prompts_hash(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+class Evaluation:
+    """The loaded model (one DualUNet for all variants and resolutions) and metric models, loaded once."""
+
+    def __init__(self, loaded, *, model_info: dict, ratio_choices: dict, settings: dict, prompts: list[str],
+                 k: float, metrics: list, out_dir: Path, masks: str = "copy"):
+        from crdiff_cli.generate import attach_dual, set_scheduler
+        from crdiff_cli.prune_spec import PruneSpec
+
+        self.pipe = loaded.pipe
+        self.model_info, self.choices, self.settings = model_info, ratio_choices, settings
+        self.prompts, self.k, self.metrics, self.out_dir, self.masks = prompts, k, metrics, out_dir, masks
+        self.specs = {res: PruneSpec.from_unet(loaded.unet, choice.ratios) for res, choice in ratio_choices.items()}
+        self.dual = attach_dual(loaded, next(iter(self.specs.values())), k, masks)
+        set_scheduler(self.pipe, next(iter(settings.values())).scheduler)
+
+    def variant_k(self, variant: str) -> float:
+        return {"dense": 0.0, "pruned": 1.0, "crdiff": self.k}[variant]
+
+    def image_info(self, resolution: Resolution, variant: str) -> dict:
+        """The PNG's model fields, exactly as `crdiff generate --dense / --k 1 / --k K` writes them."""
+        from crdiff_cli.generate import crdiff_info
+
+        if variant == "dense":
+            return {**self.model_info, "mode": "dense", "k": 0.0}
+        return {**self.model_info, **crdiff_info(self.choices[resolution], self.specs[resolution],
+                                                 self.variant_k(variant), self.masks)}
+
+    def produce(self, batch: list[WorkItem], on_step: Callable[[], None] | None = None) -> list[dict]:
+        """Generate, write and score one batch; returns one record per (item, per-image metric)."""
+        from crdiff_cli.generate import generate_images, image_params, save_png
+
+        first = batch[0]
+        settings = self.settings[first.resolution]
+        self.dual.set_spec(self.specs[first.resolution])
+        self.dual.k = self.variant_k(first.variant)
+        prompts = [self.prompts[item.prompt_index] for item in batch]
+        images = generate_images(self.pipe, prompts, [item.seed for item in batch], settings, on_step)
+        info = self.image_info(first.resolution, first.variant)
+        for item, image, prompt in zip(batch, images, prompts):
+            path = self.out_dir / item.image
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_png(image, path, image_params(prompt, item.seed, settings, info))
+        records = []
+        scores = {m.spec.name: m.score(images, prompts) for m in self.metrics}
+        for i, item in enumerate(batch):
+            base = {"resolution": str(item.resolution), "variant": item.variant, "prompt_index": item.prompt_index,
+                    "seed": item.seed, "image": item.image}
+            if not scores:  # FID only: the record says the image is done
+                records.append({**base, "metric": None, "score": None})
+            records.extend({**base, "metric": name, "score": values[i]} for name, values in scores.items())
+        return records
+
+
+def record_key(record: dict) -> tuple:
+    return (record["resolution"], record["variant"], record["prompt_index"], record["seed"], record["metric"])
+
+
+def pending(items: list[WorkItem], batch_size: int, metric_names: list[str | None], records: list[dict],
+            out_dir: Path) -> list[list[WorkItem]]:
+    """The batches with a record or an image missing (a kill loses at most the batch in flight)."""
+    done = {record_key(r) for r in records}
+    return [batch for batch in batches(items, batch_size)
+            if not all(item.key(m) in done for item in batch for m in metric_names)
+            or not all((out_dir / item.image).is_file() for item in batch)]
+
+
+def run(evaluation: Evaluation, todo: list[list[WorkItem]], journal, records: list[dict], *,
+        on_step: Callable[[], None] | None = None, on_batch: Callable[[int], None] | None = None) -> list[dict]:
+    """Produce every pending batch, appending its new records (durably) to ``journal`` and ``records``."""
+    done = {record_key(r) for r in records}
+    for batch in todo:
+        for record in evaluation.produce(batch, on_step):
+            if record_key(record) not in done:
+                journal.append(record)
+                records.append(record)
+                done.add(record_key(record))
+        if on_batch:
+            on_batch(len(batch))
+    return records
+
+
+@dataclass
+class Session:
+    """A started evaluation: models loaded, journal open, the records so far."""
+
+    evaluation: Evaluation
+    journal: object
+    records: list[dict]
+    specs: list
+    fid: object | None
+    identity: dict
+    out_dir: Path
+
+    @property
+    def metric_names(self) -> list[str | None]:
+        return [s.name for s in self.specs if s.per_image] or [None]
+
+    def pending(self, items: list[WorkItem], batch_size: int) -> list[list[WorkItem]]:
+        return pending(items, batch_size, self.metric_names, self.records, self.out_dir)
+
+    def run(self, todo: list[list[WorkItem]], on_batch: Callable[[int], None] | None = None) -> None:
+        try:
+            run(self.evaluation, todo, self.journal, self.records, on_batch=on_batch)
+        finally:
+            self.journal.close()
+
+
+def start(*, model: str, identity: dict, settings: dict, prompts: list[str], specs, reference_images: Path | None,
+          k: float, ratios: str | None, profile: str | None, dtype: str, device: str, out_dir: Path, resume: bool,
+          overwrite: bool, warn: Callable[[str], None]) -> Session:
+    """Load the model and metric models, choose each resolution's ratios, open ``scores.jsonl``."""
+    from crdiff_cli.eval_metrics import load_metrics
+    from crdiff_cli.journal import open_journal
+    from crdiff_cli.models import load_model
+    from crdiff_cli.profile_table import choose_ratios
+
+    loaded = load_model(model, dtype=dtype, device=device)
+    choices = {}
+    for res in settings:
+        choice = choose_ratios(loaded.family, ratios=ratios, profile=profile, resolution=res)
+        if choice.warning and (not choices or ratios is None and profile is None):
+            warn(choice.warning)
+        choices[res] = choice
+    image_metrics, fid = load_metrics(specs, device=device, reference_images=reference_images)
+    info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device}
+    evaluation = Evaluation(loaded, model_info=info, ratio_choices=choices, settings=settings, prompts=prompts, k=k,
+                            metrics=image_metrics, out_dir=out_dir)
+    journal, records = open_journal(out_dir / SCORES, identity, resume=resume, overwrite=overwrite, kind=JOURNAL_KIND)
+    return Session(evaluation, journal, records, specs, fid, identity, out_dir)
+
+
+def finish(session: Session, items: list[WorkItem], variants: list[str], resolutions: list[Resolution]):
+    """FID, summaries, paired comparisons; writes results.csv/json, paired.csv and report.html."""
+    from crdiff_cli import eval_report, eval_results
+
+    ev = session.evaluation
+    fid = None
+    if session.fid is not None:
+        fid = {}
+        for res in resolutions:
+            for variant in variants:
+                paths = [session.out_dir / i.image for i in items if i.resolution == res and i.variant == variant]
+                fid[(str(res), variant)] = (len(paths), session.fid.distance(paths))
+    info = {(str(res), v): (ev.variant_k(v), "" if v == "dense" else str(ev.choices[res].ratios))
+            for res in resolutions for v in variants}
+    names = [str(r) for r in resolutions]
+    results = eval_results.compute(session.records, specs=session.specs, resolutions=names, variants=variants,
+                                   variant_info=info, fid=fid)
+    run_info = {**session.identity, "ratios_used": {str(r): str(c.ratios) for r, c in ev.choices.items()},
+                "scorers": {m.spec.name: m.scorer.name for m in ev.metrics}}  # e.g. which aesthetic predictor
+    eval_results.write(session.out_dir, results, run_info)
+    page = eval_report.render(title=f"crdiff evaluate: {session.identity['model']}", run=run_info,
+                              results=results, records=session.records, specs=session.specs, variants=variants,
+                              resolutions=names, prompts=ev.prompts)
+    eval_results.write_text(session.out_dir / REPORT, page)
+    return results

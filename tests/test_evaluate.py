@@ -1,0 +1,259 @@
+"""`crdiff evaluate` end to end on the tiny models: images identical to `crdiff generate`, batching,
+resume after SIGKILL, results files, bad input (exit 2 before any model loads)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from crdiff_cli.cli import app
+from crdiff_cli.evaluate import WorkItem, batches, read_prompt_source, work_items
+from crdiff_cli.resolution import Resolution
+
+PROMPTS = ["a red fox", "a blue boat on a lake", "a green apple", "a yellow bird"]
+COMMON = ["--steps", "2", "--metrics", "tiny"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["evaluate", *args])
+
+
+def ok(result):
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return result
+
+
+def prompts_file(tmp_path: Path, prompts=PROMPTS) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def test_work_items_are_ordered_and_batches_fixed():
+    res = [Resolution(32, 32), Resolution(64, 48)]
+    items = work_items(res, ["dense", "crdiff"], 3, [5, 6])
+    assert len(items) == 2 * 2 * 3 * 2
+    assert items[0] == WorkItem(res[0], "dense", 0, 5) and items[1] == WorkItem(res[0], "dense", 0, 6)
+    assert items[6] == WorkItem(res[0], "crdiff", 0, 5) and items[12].resolution == res[1]
+    chunks = batches(items, 4)
+    # 6 items per (resolution, variant): 4 + 2, never mixing variants or resolutions
+    assert [len(b) for b in chunks] == [4, 2] * 4
+    assert all(len({(i.resolution, i.variant) for i in b}) == 1 for b in chunks)
+    assert items[0].image == "images/32x32/dense/0_5.png"
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sdxl"])
+def test_images_are_bit_identical_to_generate(tmp_path, tiny_dirs, name):
+    flags = ["--model", name, "--res", "64x48", "--prompts", str(prompts_file(tmp_path, PROMPTS[:2])),
+             "--seed", "3", "-n", "2", "--steps", "2", "--negative-prompt", "blurry", "--ratios", "0.3/0.2/0.25"]
+    ok(invoke(*flags, "--out", str(tmp_path / "ev"), "--k", "1.3", "--metrics", "tiny"))
+    for variant, extra in (("dense", ["--dense"]), ("pruned", ["--k", "1"]), ("crdiff", ["--k", "1.3"])):
+        out = tmp_path / variant
+        ok(CliRunner().invoke(app, ["generate", *flags, *extra, "--out", str(out)]))
+        for index in range(2):
+            for seed in (3, 4):
+                generated = (out / f"{index}_{seed}.png").read_bytes()
+                evaluated = (tmp_path / "ev" / "images" / "64x48" / variant / f"{index}_{seed}.png").read_bytes()
+                assert generated == evaluated, (variant, index, seed)  # pixels and PNG text, byte for byte
+    ev = tmp_path / "ev" / "images" / "64x48"
+    assert not np.array_equal(np.asarray(Image.open(ev / "dense/0_3.png")), np.asarray(Image.open(ev / "crdiff/0_3.png")))
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_results_files_and_table(tmp_path, tiny_dirs):
+    out = tmp_path / "ev"
+    result = ok(invoke("--model", "tiny", "--res", "32x32", "--res", "48x32", "--prompts",
+                       str(prompts_file(tmp_path)), "--limit", "3", "-n", "2", *COMMON, "--out", str(out)))
+    assert "resolution" in result.stdout and "48x32" in result.stdout and "crdiff" in result.stdout
+    lines = (out / "scores.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines[1:]]
+    assert len(records) == 2 * 3 * 3 * 2  # resolutions x variants x prompts x seeds, one metric
+    assert {r["image"] for r in records} == {f"images/{res}/{v}/{i}_{s}.png" for res in ("32x32", "48x32")
+                                             for v in ("dense", "pruned", "crdiff") for i in range(3) for s in (0, 1)}
+    rows = read_csv(out / "results.csv")
+    assert list(rows[0]) == ["resolution", "variant", "k", "ratios", "metric", "n", "mean", "std", "ci_low", "ci_high"]
+    assert len(rows) == 2 * 3
+    for row in rows:
+        scores = [r["score"] for r in records if (r["resolution"], r["variant"]) == (row["resolution"], row["variant"])]
+        assert int(row["n"]) == 6 and float(row["mean"]) == pytest.approx(np.mean(scores))
+        assert float(row["ci_low"]) <= float(row["mean"]) <= float(row["ci_high"])
+    assert {(r["variant"], r["k"]) for r in rows} == {("dense", "0.0"), ("pruned", "1.0"), ("crdiff", "1.5")}
+    paired = read_csv(out / "paired.csv")
+    assert [(p["resolution"], p["a"], p["b"]) for p in paired] == [
+        ("32x32", "crdiff", "pruned"), ("32x32", "crdiff", "dense"), ("48x32", "crdiff", "pruned"),
+        ("48x32", "crdiff", "dense")]
+    for p in paired:
+        by = {(r["variant"], r["prompt_index"], r["seed"]): r["score"] for r in records
+              if r["resolution"] == p["resolution"]}
+        diffs = [by[(p["a"], i, s)] - by[(p["b"], i, s)] for i in range(3) for s in (0, 1)]
+        assert float(p["mean_diff"]) == pytest.approx(np.mean(diffs))
+        assert float(p["win_rate"]) == pytest.approx(np.mean([d > 0 for d in diffs]) + 0.5 * np.mean([d == 0 for d in diffs]))
+        assert 0 <= float(p["p_value"]) <= 1
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["results"]) == 6 and data["run"]["model"] == "tiny" and data["run"]["scorers"] == {"tiny": "tiny"}
+    assert "<svg" in (out / "report.html").read_text()
+
+
+def test_batch_size_keeps_noise_and_stays_within_one_level(tmp_path, tiny_dirs):
+    """Each image has its own generator: batched images start from the same noise as single ones. CPU
+    kernels round differently for another batch size, so pixels may move by a level, never more."""
+    runs = {}
+    for b in (1, 3):
+        out = tmp_path / f"b{b}"
+        ok(invoke("--model", "tiny", "--res", "32x32", "--prompts", str(prompts_file(tmp_path)), "-n", "2",
+                  "--variants", "crdiff", *COMMON, "--batch-size", str(b), "--out", str(out)))
+        runs[b] = out
+    for index in range(4):
+        for seed in (0, 1):
+            one, three = (np.asarray(Image.open(runs[b] / f"images/32x32/crdiff/{index}_{seed}.png")).astype(int)
+                          for b in (1, 3))
+            assert np.abs(one - three).max() <= 1 and (one == three).mean() > 0.99
+
+
+def test_batched_images_have_the_single_image_noise(tiny_dirs):
+    """The latents a batched call starts from are, per image, those of the single call (one generator each)."""
+    import torch
+
+    from crdiff_cli.generate import GenerationSettings, generate_images
+    from crdiff_cli.models import load_model
+
+    pipe = load_model("tiny").pipe
+    seen = []
+    original = pipe.prepare_latents
+
+    def spy(*args, **kwargs):
+        latents = original(*args, **kwargs)
+        seen.append(latents.clone())
+        return latents
+
+    pipe.prepare_latents = spy
+    settings = GenerationSettings(Resolution(32, 32), steps=1)
+    generate_images(pipe, PROMPTS[:3], [7, 8, 9], settings)
+    for i, seed in enumerate((7, 8, 9)):
+        generate_images(pipe, [PROMPTS[i]], [seed], settings)
+        assert torch.equal(seen[0][i], seen[-1][0])
+
+
+def _command(out: Path, prompts: Path) -> list[str]:
+    return [sys.executable, "-m", "crdiff_cli", "evaluate", "--model", "tiny", "--res", "32x32", "--prompts",
+            str(prompts), "-n", "2", "--variants", "pruned,crdiff", "--batch-size", "2", *COMMON, "--out", str(out)]
+
+
+def test_resume_after_sigkill_gives_the_same_results(tmp_path, tiny_dirs):
+    prompts = prompts_file(tmp_path)
+    env = {**os.environ}
+    ref = tmp_path / "ref"
+    subprocess.run(_command(ref, prompts), check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    rng = random.Random(8)
+    kills = 0
+    args = _command(out, prompts)
+    for attempt in range(3):
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = rng.randint(2, 12)  # records (of 16) to wait for before killing
+        journal = out / "scores.jsonl"
+        while proc.poll() is None:
+            if journal.exists() and journal.read_bytes().count(b"\n") >= target:
+                time.sleep(rng.random() * 0.5)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                break
+            time.sleep(0.02)
+        args = _command(out, prompts) + ["--resume"]
+        if proc.returncode == 0:
+            break
+    assert kills >= 1
+    if not (out / "results.csv").exists():
+        subprocess.run(args, check=True, env=env, capture_output=True)
+    for name in ("results.csv", "paired.csv"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    assert json.loads((out / "results.json").read_text())["results"] == json.loads((ref / "results.json").read_text())["results"]
+    lines = sorted((out / "scores.jsonl").read_text().splitlines()[1:])
+    assert lines == sorted((ref / "scores.jsonl").read_text().splitlines()[1:])
+    assert len(lines) == 16
+    for record in map(json.loads, lines):
+        assert (out / record["image"]).read_bytes() == (ref / record["image"]).read_bytes()
+    assert not [p for p in out.rglob(".*tmp*")]  # no temporaries left by the kills
+
+
+def test_resume_refuses_other_settings_and_existing_run(tmp_path, tiny_dirs):
+    prompts = prompts_file(tmp_path, PROMPTS[:1])
+    out = tmp_path / "ev"
+    base = ["--model", "tiny", "--res", "32x32", "--prompts", str(prompts), "--variants", "crdiff", "--out", str(out)]
+    ok(invoke(*base, *COMMON))
+    again = invoke(*base, *COMMON)
+    assert again.exit_code == 2 and "--resume" in again.stderr
+    other = invoke(*base, "--steps", "3", "--metrics", "tiny", "--resume")
+    assert other.exit_code == 2 and "different evaluation" in other.stderr and "steps" in other.stderr
+    before = (out / "scores.jsonl").read_bytes()
+    ok(invoke(*base, *COMMON, "--resume"))  # nothing left to do: nothing appended
+    assert (out / "scores.jsonl").read_bytes() == before
+
+
+def test_coco_captions_json(tmp_path):
+    coco = {"images": [], "annotations": [
+        {"image_id": 9, "id": 5, "caption": "nine, second"}, {"image_id": 9, "id": 2, "caption": " nine  first "},
+        {"image_id": 3, "id": 7, "caption": "three"}, {"image_id": 4, "id": 1, "caption": "four"}]}
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps(coco))
+    assert read_prompt_source(path) == ["three", "four", "nine first"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metrics", "nope"], "unknown metric 'nope'"),
+    (["--metrics", "clip:/does/not/exist"], "does not exist"),
+    (["--metrics", "pickscore"], "needs a model"),
+    (["--metrics", "aesthetic:/missing.pth"], "aesthetic"),
+    (["--metrics", "imagereward:/missing/ImageReward.pt"], "ImageReward"),
+    (["--metrics", "fid"], "--reference-images"),
+    (["--metrics", "tiny", "--variants", "dense,bogus"], "--variants"),
+    (["--metrics", "tiny", "--batch-size", "0"], "--batch-size"),
+    (["--metrics", "tiny", "--limit", "0"], "--limit"),
+    (["--metrics", "tiny", "--resume"], "resume"),
+    (["--metrics", "tiny", "--ratios", "0.3/0.2"], "ratios"),
+])
+def test_bad_input_one_line_exit_2_before_loading(tmp_path, monkeypatch, args, message):
+    import crdiff_cli.models
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(crdiff_cli.models, "load_model", no_load)
+    result = invoke("--model", "tiny", "--res", "32x32", "--prompt", "x", "-n", "2", "--out", str(tmp_path / "o"), *args)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_fid_needs_two_images(tmp_path, monkeypatch):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    Image.new("RGB", (8, 8)).save(refs / "a.png")
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    base = ["--model", "tiny", "--res", "32x32", "--prompt", "x", "--out", str(tmp_path / "o"),
+            "--metrics", f"fid:{weights}", "--reference-images", str(refs)]
+    result = invoke(*base, "-n", "2")
+    assert result.exit_code == 2 and "has 1 image" in result.stderr
+    Image.new("RGB", (8, 8)).save(refs / "b.png")
+    result = invoke(*base)
+    assert result.exit_code == 2 and "at least 2 generated images" in result.stderr
+    result = invoke(*base[:-4], "--metrics", "tiny", "--reference-images", str(refs))
+    assert result.exit_code == 2 and "only used by the fid metric" in result.stderr
