@@ -26,6 +26,7 @@ from pathlib import Path
 
 from crdiff_cli import __version__
 from crdiff_cli.annealing import AnnealConfig, AnnealState, EvalRecord, anneal
+from crdiff_cli.distributed import SINGLE, RankFailure, Ranks
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.generate import GenerationSettings, attach_dual, check_k, generate_image, set_scheduler
 from crdiff_cli.journal import open_journal
@@ -192,9 +193,9 @@ class _Evaluator:
     the journal entry the step produces.
     """
 
-    def __init__(self, loaded, dual, stats, scorer, plan: SearchPlan, cache: dict):
+    def __init__(self, loaded, dual, stats, scorer, plan: SearchPlan, cache: dict, ranks):
         self.loaded, self.dual, self.stats, self.scorer, self.plan = loaded, dual, stats, scorer, plan
-        self.cache = cache
+        self.cache, self.ranks = cache, ranks
         self.last: tuple[_Outcome, bool, dict] | None = None
 
     def __call__(self, candidate) -> float:
@@ -221,23 +222,31 @@ class _Evaluator:
             t1 = clock()
             seconds["prune"] = t1 - t0
             pairs = [(p, s) for p in plan.prompts for s in plan.image_seeds]
-            images = [generate_image(self.loaded.pipe, p, s, plan.settings) for p, s in pairs]
-            t2 = clock()
-            seconds["generate"] = t2 - t1
-            scores = tuple(float(x) for x in self.scorer.score(images, [p for p, _ in pairs]))
-            seconds["score"] = clock() - t2
+
+            def score(images):  # on rank 0, all images in one batch, as one process scores them
+                t2 = clock()
+                scores = tuple(float(x) for x in self.scorer.score(images, [p for p, _ in pairs]))
+                seconds["score"] = clock() - t2
+                return scores
+
+            # under torchrun each rank generates its share of the images; the scores reach every rank
+            scores = self.ranks.split(pairs, lambda share: [generate_image(self.loaded.pipe, p, s, plan.settings)
+                                                            for p, s in share], score)
+            seconds["generate"] = clock() - t1 - seconds["score"]
             if len(scores) != len(pairs):
                 raise ValueError(f"scorer returned {len(scores)} scores for {len(pairs)} images")
             if not all(math.isfinite(x) for x in scores):
                 raise ValueError(f"scorer returned a non-finite score: {scores}")
             return _Outcome(sum(scores) / len(scores), scores, None), seconds
+        except RankFailure:
+            raise  # a rank was lost: the search stops (and resumes from the journal)
         except Exception as exc:  # noqa: BLE001 - one bad candidate must not end a long search
             return _Outcome(plan.fail_score, (), f"{type(exc).__name__}: {exc}"[:500]), seconds
 
 
 def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, resume: bool = False,
            overwrite: bool = False, masks: str = "copy",
-           on_eval: Callable[[Evaluation], None] | None = None) -> SearchResult:
+           on_eval: Callable[[Evaluation], None] | None = None, ranks: Ranks = SINGLE) -> SearchResult:
     """Run (or resume) the ratio search on ``loaded`` (a :class:`~crdiff_cli.models.LoadedModel`).
 
     ``scorer`` has ``.name`` and ``.score(images, prompts)`` (see :mod:`crdiff_cli.scorers`). With a
@@ -245,18 +254,28 @@ def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, res
     identity must match ``plan``), ``overwrite`` replaces an existing one. ``on_eval`` sees every step
     this call runs (steps replayed from the journal are in the result's history). The pipeline's UNet
     is restored when the search ends.
+
+    Under torchrun (``ranks``, see :mod:`crdiff_cli.distributed`) every rank calls this with the same
+    arguments and runs the same annealer: each candidate's images are split across the ranks and
+    scored on rank 0, so every rank sees the energy one process computes. Rank 0 alone reads and
+    writes the journal; on resume its entries reach every rank.
     """
     if journal is None and (resume or overwrite):
         raise CrdiffError("resume and overwrite need a journal path: pass journal=...")
     plan = plan.bind(loaded, scorer)
     writer, entries = None, []
     if journal is not None:
-        writer, entries = open_journal(journal, plan.identity(), resume=resume, overwrite=overwrite)
+        def open_on_main():
+            nonlocal writer
+            writer, found = open_journal(journal, plan.identity(), resume=resume, overwrite=overwrite)
+            return found
+
+        entries = ranks.on_main(open_on_main)
     try:
         history = [Evaluation.from_dict(e) for e in entries]
         state = history[-1].record.state if history else None
         if state is None or state.phase != "done":
-            state = _anneal_resident(loaded, scorer, plan, history, state, writer, masks, on_eval)
+            state = _anneal_resident(loaded, scorer, plan, history, state, writer, masks, on_eval, ranks)
     finally:
         if writer is not None:
             writer.close()
@@ -265,7 +284,7 @@ def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, res
 
 
 def _anneal_resident(loaded, scorer, plan: SearchPlan, history: list[Evaluation], state: AnnealState | None,
-                     writer, masks: str, on_eval) -> AnnealState:
+                     writer, masks: str, on_eval, ranks: Ranks) -> AnnealState:
     """Anneal to the end on the loaded models, appending each step to ``history`` (and the journal)."""
     from crdiff_cli.search_thresholds import search_stats  # imports torch: only when a search runs
 
@@ -274,7 +293,7 @@ def _anneal_resident(loaded, scorer, plan: SearchPlan, history: list[Evaluation]
     stats = search_stats(loaded.unet)
     set_scheduler(loaded.pipe, plan.settings.scheduler)
     dual = attach_dual(loaded, stats.spec(plan.decode(plan.config.seeds[0])[0]), 1.0, masks)
-    evaluator = _Evaluator(loaded, dual, stats, scorer, plan, cache)
+    evaluator = _Evaluator(loaded, dual, stats, scorer, plan, cache, ranks)
 
     def record(rec: EvalRecord) -> None:
         outcome, cached, seconds = evaluator.last
