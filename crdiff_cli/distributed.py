@@ -72,6 +72,15 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500]
 
 
+def backend_cause(exc: BaseException) -> str:
+    """The gist of a backend error: gloo's ``[.../pair.cc:537] Read error [addr]: Connection reset by peer.
+    This is typically ...`` -> ``Read error [addr]: Connection reset by peer``."""
+    text = " ".join(str(exc).split())
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ")[0][:160] or type(exc).__name__
+
+
 def blocks(items: Sequence, parts: int) -> list[Sequence]:
     """``items`` cut into ``parts`` contiguous blocks in order, sizes differing by at most one."""
     size, extra = divmod(len(items), parts)
@@ -179,7 +188,8 @@ class Ranks:
         try:
             op(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - backend errors have no common type (gloo, NCCL, timeout)
-            raise RankFailure(f"rank {self.rank} lost contact with the other ranks ({describe(exc)[:200]}): "
+            _quiet_sigterm()  # torchrun's SIGTERM may follow: this rank has already said why it stops
+            raise RankFailure(f"rank {self.rank} lost contact with the other ranks ({backend_cause(exc)}): "
                               "a rank was killed, crashed or hung; torchrun's summary names it") from None
 
 
@@ -239,11 +249,19 @@ def start(device: str, *, quiet: Callable[[], None] | None = None) -> Ranks:
     return ranks
 
 
+def _quiet_sigterm() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _stopped(signum, frame):
+    _quiet_sigterm()  # a second SIGTERM (e.g. while exiting) ends the process without another message
     raise RankFailure("stopped: another rank failed or was killed (torchrun's summary names it)")
 
 
 def _leave() -> None:
+    _quiet_sigterm()
     dist = _dist()
     if dist.is_initialized():
         dist.destroy_process_group()
