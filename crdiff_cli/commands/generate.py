@@ -56,9 +56,11 @@ def generate(
     Writes OUT/<prompt-index>_<seed>.png (generation parameters embedded as PNG text) and
     OUT/manifest.json. Resolution is HEIGHTxWIDTH. With --artifact, the baked UNet replaces the model's.
 
-    Many GPUs or machines: torchrun --nproc-per-node N -m crdiff_cli generate ... (same flags, --device
-    cuda) splits the images across the ranks; the files are the ones one process writes, and rank 0
-    writes them all (docs/distributed.md).
+    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli generate ... (same flags, --device cuda) splits
+    the images across the ranks; rank 0 writes them all, byte for byte the files of one process. Several
+    machines: the same command on each, plus --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT
+    --rdzv-id ID. N ranks make close to N times the images per hour: the images are dealt out in rounds
+    of one per rank, so a round waits for its slowest GPU (docs/distributed.md).
     """
     from crdiff_cli.dual_unet import MASK_MODES
     from crdiff_cli.generate import GenerationSettings, check_k, read_prompts

@@ -106,9 +106,12 @@ def search(
     seed, and scores them; energy = -mean score. Every step is journaled, so a killed search continues
     with --resume. Writes the best ratios as a profile (resolution HEIGHTxWIDTH) and a trace PNG.
 
-    Many GPUs or machines: torchrun --nproc-per-node N -m crdiff_cli search ... (same flags, --device
-    cuda): every rank runs the same annealer, each candidate's images are split across the ranks, and
-    rank 0 writes journal, profile and trace; the result is the single-process one (docs/distributed.md).
+    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli search ... (same flags, --device cuda): every
+    rank runs the same annealer, each candidate's prompt x image-seed images are split across the ranks
+    (scored on rank 0), and rank 0 writes journal, profile and trace: the single-process result. Several
+    machines: the same command on each, plus --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT
+    --rdzv-id ID. A candidate takes ceil(images / N) image times, so N ranks give close to N times the
+    evaluations per hour when a candidate has many more images than ranks (docs/distributed.md).
     """
     from crdiff_cli.annealing import AnnealConfig
     from crdiff_cli.atomic import check_output
