@@ -20,7 +20,8 @@ run) does not count:
   resolution, broadcast of the scores), timed in a torchrun worker without any model, against the
   evaluation's time.
 
-Usage: python benchmarks/bench_distributed.py [--res 128x128] [--steps 4] [--images 8] [--iters 3]
+Usage: python benchmarks/bench_distributed.py [--res 128x128] [--steps 4] [--images 8] [--iters 3] [--prompts 2]
+       [--only generate|search]
 Runtime on 2 free CPU cores: ~10 minutes, plus the model build the first time. Results: docs/benchmarks.md.
 """
 
@@ -93,7 +94,7 @@ def generate(args, ranks: int, out: Path) -> dict:
 
 def search(args, ranks: int, folder: Path) -> dict:
     prompts = folder / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
+    prompts.write_text("\n".join(PROMPTS[:args.prompts]) + "\n")
     wall = run([*launch(ranks), "search", "--model", str(args.pipe), "--res", args.res, "--steps", str(args.steps),
                 "--scorer", "tiny", "--prompts", str(prompts), "--image-seeds", "1,2", "--iters", str(args.iters),
                 "--out", str(folder / "best.json")])
@@ -124,7 +125,9 @@ def main() -> None:
     p.add_argument("--res", default="128x128", help="HEIGHTxWIDTH")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--images", type=int, default=8, help="images of the generate runs")
-    p.add_argument("--iters", type=int, default=3, help="search iterations (4 images per evaluation)")
+    p.add_argument("--iters", type=int, default=3, help="search iterations")
+    p.add_argument("--prompts", type=int, choices=(1, 2), default=2, help="search prompts (x 2 image seeds)")
+    p.add_argument("--only", choices=("generate", "search"), help="run one of the two parts")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("CRDIFF_CACHE", Path.home() / ".cache/crdiff"))
                    / "bench-search")
     args = p.parse_args()
@@ -134,19 +137,33 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        gen = {r: generate(args, r, tmp / f"gen{r}") for r in (1, 2)}
-        same = all((tmp / "gen1" / f.name).read_bytes() == f.read_bytes() for f in (tmp / "gen2").iterdir())
-        for r in (1, 2):
-            (tmp / f"search{r}").mkdir()
-        found = {r: search(args, r, tmp / f"search{r}") for r in (1, 2)}
-    comm = exchange(args, 4)
-    print(f"load average after: {os.getloadavg()}")
+        if args.only != "search":
+            gen = {r: generate(args, r, tmp / f"gen{r}") for r in (1, 2)}
+            same = all((tmp / "gen1" / f.name).read_bytes() == f.read_bytes() for f in (tmp / "gen2").iterdir())
+            print(f"load average after generate: {os.getloadavg()}")
+        if args.only != "generate":
+            for r in (1, 2):
+                (tmp / f"search{r}").mkdir()
+            found = {r: search(args, r, tmp / f"search{r}") for r in (1, 2)}
+            comm = exchange(args, 2 * args.prompts)
+            print(f"load average after search: {os.getloadavg()}")
+    if args.only != "search":
+        report_generate(args, gen, same)
+    if args.only != "generate":
+        report_search(args, found, comm)
+
+
+def report_generate(args, gen: dict, same: bool) -> None:
     print(f"\ngenerate ({args.res} HxW, {args.steps} steps, CR-Diff k=1.5, {args.images} images; whole runs):")
     for r, g in gen.items():
         print(f"  {r} rank(s): {g['images_per_hour']:.0f} images/hour (wall {g['wall_s']:.0f} s with loading)")
     print(f"  speed-up {gen[2]['images_per_hour'] / gen[1]['images_per_hour']:.2f}x (target >= 1.8x); "
           f"files identical: {same}")
-    print(f"\nsearch ({args.res}, {args.steps} steps, 2 prompts x 2 image seeds, {args.iters} iterations, tiny scorer):")
+
+
+def report_search(args, found: dict, comm: float) -> None:
+    print(f"\nsearch ({args.res}, {args.steps} steps, {args.prompts} prompt(s) x 2 image seeds, {args.iters} "
+          f"iterations, tiny scorer):")
     for r, s in found.items():
         print(f"  {r} rank(s): {s['evals_per_hour']:.0f} evaluations/hour (median evaluation {s['eval_s']:.2f} s; "
               f"wall {s['wall_s']:.0f} s with loading)")
@@ -155,7 +172,7 @@ def main() -> None:
           f"journals identical: {found[1]['entries'] == found[2]['entries']}")
     print(f"  2-rank evaluation {found[2]['eval_s']:.2f} s vs half the 1-rank one {ideal:.2f} s: overhead "
           f"{100 * (found[2]['eval_s'] - ideal) / found[2]['eval_s']:.1f}% (exchange, imbalance, serial scoring)")
-    print(f"  exchange alone (gather 4 images of {args.res}, broadcast scores): {1000 * comm:.1f} ms = "
+    print(f"  exchange alone (gather {2 * args.prompts} images of {args.res}, broadcast scores): {1000 * comm:.1f} ms = "
           f"{100 * comm / found[2]['eval_s']:.2f}% of a 2-rank evaluation (target <= 1%)")
 
 
