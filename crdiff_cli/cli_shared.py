@@ -39,5 +39,18 @@ def command(fn):
     return wrapper
 
 
+def start_ranks(device: str):
+    """Join the torchrun run if launched by torchrun (see :mod:`crdiff_cli.distributed`), else a single process.
+
+    Every rank but rank 0 prints nothing: its consoles are silenced (a failure is reported by rank 0).
+    """
+    from crdiff_cli.distributed import start
+
+    def silence():
+        out.quiet = err.quiet = True
+
+    return start(device, quiet=silence)
+
+
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)

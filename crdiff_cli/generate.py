@@ -8,6 +8,7 @@ generation parameters embedded as PNG text (a ``crdiff`` JSON chunk and a human-
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
@@ -144,19 +145,33 @@ def image_params(prompt: str, seed: int, settings: GenerationSettings, model_inf
             **model_info, "crdiff_version": __version__}
 
 
-def save_png(image, path: Path, params: dict) -> None:
-    """Write ``image`` with its parameters as PNG text chunks, atomically (temp name, then rename)."""
+def png_bytes(image, params: dict) -> bytes:
+    """``image`` encoded as PNG with its parameters as text chunks (what :func:`save_png` writes)."""
+    import io
+
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("crdiff", json.dumps(params, sort_keys=True))
     info.add_text("parameters", human_parameters(params))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically (temp name, then rename)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_png(image, path: Path, params: dict) -> None:
+    """Write ``image`` with its parameters as PNG text chunks, atomically."""
+    write_file(path, png_bytes(image, params))
 
 
 def human_parameters(params: dict) -> str:
@@ -207,41 +222,67 @@ def attach_dual(loaded, spec, k: float, masks: str = "copy"):
 
 def run(pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings, out_dir: Path, *,
         model_info: dict, dual=None, compare: bool = False,
-        on_step: Callable[[], None] | None = None, on_image: Callable[[], None] | None = None) -> list[ImageRecord]:
+        on_step: Callable[[], None] | None = None, on_image: Callable[[], None] | None = None,
+        ranks=None) -> list[ImageRecord]:
     """Generate every (prompt, seed) into ``out_dir``; with ``compare`` also the dense image and a grid.
 
     The caller applies ``settings.scheduler`` first (:func:`set_scheduler`). ``dual`` is the pipeline's DualUNet (None for a dense run, or for an ONNX artifact: ``model_info["mode"]`` names the variant); the dense image of a comparison is made
     with the same DualUNet at k = 0, which is the dense model bit for bit.
+
+    Each (prompt, seed) is one work item, encoded to PNG bytes where it is made; with ``ranks`` (a
+    :class:`crdiff_cli.distributed.Ranks` under torchrun) the items are split across ranks and rank 0
+    alone writes every file, in item order, so the files are the ones a single process writes.
+    Records (and ``on_image`` calls) are on rank 0; the other ranks return an empty list.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from crdiff_cli.distributed import SINGLE
+
+    ranks = ranks or SINGLE
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     records: list[ImageRecord] = []
     variant = model_info.get("mode", "dense" if dual is None else "crdiff")  # an ONNX artifact has no DualUNet
+    items = [(index, prompt, seed) for index, prompt in enumerate(prompts) for seed in seeds]
 
-    def emit(image, index, prompt, seed, kind, info):
+    def encoded(image, index, prompt, seed, kind, info) -> tuple[bytes, ImageRecord]:
         name = f"{index}_{seed}{'_dense' if kind == 'dense' and compare else ''}.png"
         params = image_params(prompt, seed, settings, info)
-        save_png(image, out_dir / name, params)
-        records.append(ImageRecord(name, index, prompt, seed, kind, params))
-        if on_image:
-            on_image()
+        return png_bytes(image, params), ImageRecord(name, index, prompt, seed, kind, params)
 
-    for index, prompt in enumerate(prompts):
-        pairs = []
-        for seed in seeds:
-            image = generate_image(pipe, prompt, seed, settings, on_step)
-            emit(image, index, prompt, seed, variant, model_info)
-            if compare and dual is not None:
-                k, dual.k = dual.k, 0.0
-                try:
-                    dense = generate_image(pipe, prompt, seed, settings, on_step)
-                finally:
-                    dual.k = k
-                emit(dense, index, prompt, seed, "dense", {**model_info, "mode": "dense", "k": 0.0})
+    def make(item) -> list[tuple[bytes, ImageRecord]]:
+        index, prompt, seed = item
+        made = [encoded(generate_image(pipe, prompt, seed, settings, on_step), index, prompt, seed, variant,
+                        model_info)]
+        if compare and dual is not None:
+            k, dual.k = dual.k, 0.0
+            try:
+                dense = generate_image(pipe, prompt, seed, settings, on_step)
+            finally:
+                dual.k = k
+            made.append(encoded(dense, index, prompt, seed, "dense", {**model_info, "mode": "dense", "k": 0.0}))
+        return made
+
+    pairs = []
+
+    def write(round_items, results) -> None:
+        from PIL import Image
+
+        for (index, prompt, seed), made in zip(round_items, results):
+            for data, record in made:
+                write_file(out_dir / record.file, data)
+                records.append(record)
+                if on_image:
+                    on_image()
+            if len(made) == 2:
+                image, dense = (Image.open(io.BytesIO(data)) for data, _ in made)
                 pairs.append((seed, dense, image))
-        if pairs:
-            grid = compare_grid(pairs, f"{prompt}  (k={model_info.get('k')}, ratios {model_info.get('ratios')})")
-            save_png(grid, out_dir / f"compare_{index}.png", {"prompt": prompt, "seeds": seeds, **model_info})
-    write_manifest(out_dir, records, {"model": model_info, "settings": {
-        "steps": settings.steps, "guidance": settings.guidance, "negative_prompt": settings.negative_prompt,
-        "scheduler": settings.scheduler, "resolution": str(settings.resolution)}, "seeds": seeds})
+                if seed == seeds[-1]:
+                    grid = compare_grid(pairs, f"{prompt}  (k={model_info.get('k')}, ratios {model_info.get('ratios')})")
+                    save_png(grid, out_dir / f"compare_{index}.png", {"prompt": prompt, "seeds": seeds, **model_info})
+                    pairs.clear()
+
+    ranks.map(items, lambda batch: [make(item) for item in batch], on_results=write)
+    if ranks.is_main:
+        write_manifest(out_dir, records, {"model": model_info, "settings": {
+            "steps": settings.steps, "guidance": settings.guidance, "negative_prompt": settings.negative_prompt,
+            "scheduler": settings.scheduler, "resolution": str(settings.resolution)}, "seeds": seeds})
     return records

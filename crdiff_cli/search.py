@@ -27,6 +27,7 @@ from pathlib import Path
 
 from crdiff_cli import __version__
 from crdiff_cli.annealing import AnnealConfig, AnnealState, EvalRecord, anneal
+from crdiff_cli.distributed import SINGLE, Ranks
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.generate import GenerationSettings, attach_dual, check_k, generate_image, set_scheduler
 from crdiff_cli.journal import open_journal
@@ -207,9 +208,9 @@ class _Evaluator:
     the journal entry the step produces.
     """
 
-    def __init__(self, loaded, dual, stats, scorer, plan: SearchPlan, cache: dict):
+    def __init__(self, loaded, dual, stats, scorer, plan: SearchPlan, cache: dict, ranks):
         self.loaded, self.dual, self.stats, self.scorer, self.plan = loaded, dual, stats, scorer, plan
-        self.cache = cache
+        self.cache, self.ranks = cache, ranks
         self.last: tuple[_Outcome, bool, dict] | None = None
 
     def __call__(self, candidate) -> float:
@@ -241,7 +242,9 @@ class _Evaluator:
             results = [(plan.fail_score, _error_text(exc))] * len(pairs)
         seconds["prune"] = clock() - t0
         if results is None:
-            results = [self._score_image(p, s, seconds) for p, s in pairs]
+            # under torchrun each rank makes and scores its share of the images; every rank gets all results.
+            # One image per scorer call (as the reference), so a score does not depend on where it was made.
+            results = self.ranks.split(pairs, lambda share: [self._score_image(p, s, seconds) for p, s in share])
         scores = tuple(score for score, _ in results)
         errors = [error for _, error in results if error is not None]
         return _Outcome(sum(scores) / len(scores), scores, _failure_summary(errors, len(pairs))), seconds
@@ -278,7 +281,7 @@ def _failure_summary(errors: list[str], images: int) -> str | None:
 
 def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, resume: bool = False,
            overwrite: bool = False, masks: str = "copy",
-           on_eval: Callable[[Evaluation], None] | None = None) -> SearchResult:
+           on_eval: Callable[[Evaluation], None] | None = None, ranks: Ranks = SINGLE) -> SearchResult:
     """Run (or resume) the ratio search on ``loaded`` (a :class:`~crdiff_cli.models.LoadedModel`).
 
     ``scorer`` has ``.name`` and ``.score(images, prompts)`` (see :mod:`crdiff_cli.scorers`). With a
@@ -286,18 +289,29 @@ def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, res
     identity must match ``plan``), ``overwrite`` replaces an existing one. ``on_eval`` sees every step
     this call runs (steps replayed from the journal are in the result's history). The pipeline's UNet
     is restored when the search ends.
+
+    Under torchrun (``ranks``, see :mod:`crdiff_cli.distributed`) every rank calls this with the same
+    arguments and runs the same annealer: each candidate's images are split across the ranks, each
+    made and scored where it is made (one per scorer call), and every rank sees the energy one process
+    computes. Rank 0 alone reads and
+    writes the journal; on resume its entries reach every rank.
     """
     if journal is None and (resume or overwrite):
         raise CrdiffError("resume and overwrite need a journal path: pass journal=...")
     plan = plan.bind(loaded, scorer)
     writer, entries = None, []
     if journal is not None:
-        writer, entries = open_journal(journal, plan.identity(), resume=resume, overwrite=overwrite)
+        def open_on_main():
+            nonlocal writer
+            writer, found = open_journal(journal, plan.identity(), resume=resume, overwrite=overwrite)
+            return found
+
+        entries = ranks.on_main(open_on_main)
     try:
         history = [Evaluation.from_dict(e) for e in entries]
         state = history[-1].record.state if history else None
         if state is None or state.phase != "done":
-            state = _anneal_resident(loaded, scorer, plan, history, state, writer, masks, on_eval)
+            state = _anneal_resident(loaded, scorer, plan, history, state, writer, masks, on_eval, ranks)
     finally:
         if writer is not None:
             writer.close()
@@ -306,7 +320,7 @@ def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, res
 
 
 def _anneal_resident(loaded, scorer, plan: SearchPlan, history: list[Evaluation], state: AnnealState | None,
-                     writer, masks: str, on_eval) -> AnnealState:
+                     writer, masks: str, on_eval, ranks: Ranks) -> AnnealState:
     """Anneal to the end on the loaded models, appending each step to ``history`` (and the journal)."""
     from crdiff_cli.search_thresholds import search_stats  # imports torch: only when a search runs
 
@@ -315,7 +329,7 @@ def _anneal_resident(loaded, scorer, plan: SearchPlan, history: list[Evaluation]
     stats = search_stats(loaded.unet)
     set_scheduler(loaded.pipe, plan.settings.scheduler)
     dual = attach_dual(loaded, stats.spec(plan.decode(plan.config.seeds[0])[0]), 1.0, masks)
-    evaluator = _Evaluator(loaded, dual, stats, scorer, plan, cache)
+    evaluator = _Evaluator(loaded, dual, stats, scorer, plan, cache, ranks)
 
     def record(rec: EvalRecord) -> None:
         outcome, cached, seconds = evaluator.last

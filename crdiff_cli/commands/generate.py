@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli_shared import MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
+from crdiff_cli.cli_shared import (MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, start_ranks,
+                                   warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -54,6 +55,12 @@ def generate(
 
     Writes OUT/<prompt-index>_<seed>.png (generation parameters embedded as PNG text) and
     OUT/manifest.json. Resolution is HEIGHTxWIDTH. With --artifact, the baked UNet replaces the model's.
+
+    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli generate ... (same flags, --device cuda) splits
+    the images across the ranks; rank 0 writes them all, byte for byte the files of one process. Several
+    machines: the same command on each, plus --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT
+    --rdzv-id ID. N ranks make close to N times the images per hour: the images are dealt out in rounds
+    of one per rank, so a round waits for its slowest GPU (docs/distributed.md).
     """
     from crdiff_cli.dual_unet import MASK_MODES
     from crdiff_cli.generate import GenerationSettings, check_k, read_prompts
@@ -100,8 +107,9 @@ def generate(
     from crdiff_cli.profile_table import choose_ratios
     from crdiff_cli.prune_spec import PruneSpec
 
+    ranks = start_ranks(device)
     with err.status(f"loading {model}"):
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=ranks.device(device))
     info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device}
     dual = None
     if meta is not None:
@@ -126,9 +134,11 @@ def generate(
     per_image = denoising_calls(loaded.pipe, steps) * (2 if compare else 1)
     with progress_bars() as bars:
         images = bars.add_task("images", total=len(prompts) * len(seeds) * (2 if compare else 1))
-        denoise = bars.add_task("steps", total=len(prompts) * len(seeds) * per_image)
+        # under torchrun the images bar counts every rank's images; steps are per rank, so no steps bar
+        denoise = None if ranks.distributed else bars.add_task("steps", total=len(prompts) * len(seeds) * per_image)
         records = run(loaded.pipe, prompts, seeds, settings, out_dir, model_info=info, dual=dual, compare=compare,
-                      on_step=lambda: bars.advance(denoise), on_image=lambda: bars.advance(images))
+                      on_step=None if denoise is None else lambda: bars.advance(denoise), on_image=lambda: bars.advance(images),
+                      ranks=ranks)
     what = "dense" if dense else f"CR-Diff k={info['k']:g}, ratios {info['ratios']}"
     if meta is not None:
         what += f", from {artifact}" + (f" on {info['provider']}" if "provider" in info else "")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli_shared import MODEL_HELP, RES_HELP, command, err, out, warn
+from crdiff_cli.cli_shared import MODEL_HELP, RES_HELP, command, err, out, start_ranks, warn
 from crdiff_cli.errors import CrdiffError
 
 
@@ -107,6 +107,13 @@ def search(
     Each candidate D/M/U re-thresholds the resident UNet, generates one image per prompt and image
     seed, and scores them; energy = -mean score. Every step is journaled, so a killed search continues
     with --resume. Writes the best ratios as a profile (resolution HEIGHTxWIDTH) and a trace PNG.
+
+    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli search ... (same flags, --device cuda): every
+    rank runs the same annealer, each candidate's prompt x image-seed images are split across the ranks
+    (scored on rank 0), and rank 0 writes journal, profile and trace: the single-process result. Several
+    machines: the same command on each, plus --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT
+    --rdzv-id ID. A candidate takes ceil(images / N) image times, so N ranks give close to N times the
+    evaluations per hour when a candidate has many more images than ranks (docs/distributed.md).
     """
     from crdiff_cli.annealing import AnnealConfig
     from crdiff_cli.atomic import check_output
@@ -151,12 +158,13 @@ def search(
                       fail_score, model=_model_label(model), dtype=str(torch_dtype(dtype)).removeprefix("torch."))
     journal = journal or default_journal_path(out_path)
     trace_path = default_trace_path(out_path)
-    check_output(out_path, overwrite or resume)
-    check_journal(journal, None, resume=resume, overwrite=overwrite)
+    ranks = start_ranks(device)
+    ranks.on_main(lambda: (check_output(out_path, overwrite or resume),  # files live on rank 0's machine
+                           check_journal(journal, None, resume=resume, overwrite=overwrite)))
     if warning:
         warn(warning)
     _run(plan, scorer, journal, out_path, trace_path, resume=resume, overwrite=overwrite, masks=masks, dtype=dtype,
-         device=device)
+         device=device, ranks=ranks)
 
 
 def _model_label(model: str) -> str:
@@ -169,7 +177,7 @@ def _model_label(model: str) -> str:
 
 
 def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path, *, resume: bool, overwrite: bool,
-         masks: str, dtype: str, device: str) -> None:
+         masks: str, dtype: str, device: str, ranks) -> None:
     """Load the scorer, check the journal's identity, load the model, search with the live view, write outputs.
 
     The scorer loads first: the journal records its canonical name (e.g. an absolute checkpoint path),
@@ -177,6 +185,7 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
     """
     from dataclasses import replace
 
+    from crdiff_cli.distributed import RankFailure
     from crdiff_cli.journal import check_journal
     from crdiff_cli.models import load_model
     from crdiff_cli.scorers import load_scorer
@@ -184,18 +193,22 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
     from crdiff_cli.search_view import SearchView
 
     with err.status(f"loading scorer {scorer_spec}"):
-        scorer = load_scorer(scorer_spec, device=device)
+        scorer = load_scorer(scorer_spec, device=ranks.device(device))
     plan = replace(plan, scorer=scorer.name)
-    check_journal(journal, plan.identity(), resume=resume, overwrite=overwrite)
+    ranks.on_main(lambda: check_journal(journal, plan.identity(), resume=resume, overwrite=overwrite))
     with err.status(f"loading {plan.model}"):
-        loaded = load_model(plan.model, dtype=dtype, device=device)
+        loaded = load_model(plan.model, dtype=dtype, device=ranks.device(device))
     try:
         with SearchView(err, plan.config.iters, plan.search_k) as view:
             result = search(loaded, scorer, plan, journal=journal, resume=resume, overwrite=overwrite, masks=masks,
-                            on_eval=view.update)
+                            on_eval=view.update, ranks=ranks)
     except KeyboardInterrupt:
         err.print(f"interrupted; every finished step is in {journal}: add --resume to continue")
         raise typer.Exit(130) from None
+    except RankFailure as exc:
+        raise RankFailure(f"{exc}; every finished step is in {journal}: add --resume to continue") from None
+    if not ranks.is_main:
+        return
     save_result(result, out_path, trace_path)
     if result.failures:
         first = next(e.error for e in result.history if e.error)

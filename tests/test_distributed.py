@@ -1,0 +1,203 @@
+"""torchrun end to end (CPU, gloo, 2 real processes, tiny models): the same files, profile and journal as one
+process; a failed or killed rank stops the run with one line, and the journal resumes to the same result.
+
+Every run here, torchrun's and the single-process baseline, has OMP_NUM_THREADS=1 (torchrun sets it for its
+workers): on a CPU, float results depend on the number of threads a kernel splits its work into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from crdiff_cli.distributed import SINGLE, backend_cause, blocks
+from crdiff_cli.journal import read_journal
+
+SEARCH = ["search", "--model", "tiny", "--res", "32x32", "--scorer", "tiny", "--steps", "1", "--image-seeds", "1,2,3",
+          "--iters", "7", "--bounds", "0.3:0.33", "--seed", "7"]
+
+
+def env(tiny_dirs) -> dict:
+    return {**os.environ, "CRDIFF_CACHE": str(tiny_dirs["tiny"].parents[1]), "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
+def torchrun_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            *[str(a) for a in args]]
+
+
+def single(tiny_dirs, *args):
+    return subprocess.run([sys.executable, "-m", "crdiff_cli", *[str(a) for a in args]], env=env(tiny_dirs),
+                          capture_output=True, text=True)
+
+
+def torchrun(tiny_dirs, *args):
+    return subprocess.run(torchrun_cmd("-m", "crdiff_cli", *args), env=env(tiny_dirs), capture_output=True, text=True)
+
+
+def comparable(entries):
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
+
+
+def crdiff_lines(stderr: str) -> list[str]:
+    """What crdiff itself printed on stderr (torchrun's own log and summary left out)."""
+    return [line for line in stderr.splitlines() if line.startswith(("error:", "warning:", "["))
+            and not line.startswith("[rank")]
+
+
+# --- the library, in one process ----------------------------------------------------------------------
+
+def test_blocks_are_contiguous_in_order_and_balanced():
+    assert blocks(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
+    assert blocks(list(range(2)), 4) == [[0], [1], [], []]
+    assert [len(b) for b in blocks(list(range(10)), 4)] == [3, 3, 2, 2]
+    assert sum(blocks(list(range(7)), 3), []) == list(range(7))
+
+
+def test_single_process_calls_work_and_combine_directly():
+    assert SINGLE.split([1, 2, 3], lambda share: [x * 2 for x in share], sum) == 12
+    seen = []
+    SINGLE.map([1, 2, 3], lambda batch: [x + 1 for x in batch], on_results=lambda i, r: seen.append((list(i), r)),
+               per_rank=2)
+    assert seen == [([1, 2], [2, 3]), ([3], [4])]
+    with pytest.raises(ZeroDivisionError):  # one process: the exception itself, as before
+        SINGLE.map([0], lambda batch: [1 / x for x in batch])
+    assert SINGLE.device("cuda") == "cuda" and SINGLE.on_main(lambda: 5) == 5 and SINGLE.broadcast(3) == 3
+
+
+def test_backend_cause_keeps_the_gist_of_a_gloo_error():
+    error = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:8069: "
+                         "Connection reset by peer. This is typically caused by a remote worker hanging or bugs ")
+    assert backend_cause(error) == "Read error [127.0.0.1]:8069: Connection reset by peer"
+
+
+# --- the library under torchrun -----------------------------------------------------------------------
+
+WORKER = '''
+import json, sys
+from crdiff_cli.distributed import RankFailure, start
+from crdiff_cli.errors import CrdiffError
+
+ranks = start("cpu")
+out = {"rank": ranks.rank, "world": ranks.world_size, "device": ranks.device("cuda")}
+out["split"] = ranks.split(list(range(5)), lambda share: [(x, ranks.rank) for x in share],
+                           lambda results: [list(r) for r in results])
+out["broadcast"] = ranks.broadcast("from 0" if ranks.is_main else "from 1")
+try:
+    ranks.on_main(lambda: (_ for _ in ()).throw(CrdiffError("rank 0 found a bad file")))
+except CrdiffError as exc:
+    out["on_main"] = str(exc)
+written = []
+def work(batch):
+    if ranks.rank == 1 and batch[0] >= 4:
+        raise MemoryError("out of memory\\non rank 1")
+    return [x * x for x in batch]
+try:
+    ranks.map(list(range(8)), work, on_results=lambda items, results: written.append(results), per_rank=2)
+except RankFailure as exc:
+    out["map"] = str(exc)
+out["written"] = written
+with open(sys.argv[1] + f"/rank{ranks.rank}.json", "w") as f:
+    json.dump(out, f)
+'''
+
+
+def test_ranks_split_broadcast_and_stop_together_under_torchrun(tiny_dirs, tmp_path):
+    (tmp_path / "worker.py").write_text(WORKER)
+    run = subprocess.run(torchrun_cmd(tmp_path / "worker.py", tmp_path), env=env(tiny_dirs), capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["world"], r0["device"], r1["device"]) == (2, "cuda:0", "cuda:1")
+    # items 0-2 on rank 0, 3-4 on rank 1, every result in item order on both ranks
+    assert r0["split"] == r1["split"] == [[0, 0], [1, 0], [2, 0], [3, 1], [4, 1]]
+    assert r0["broadcast"] == r1["broadcast"] == "from 0"
+    assert r0["on_main"] == r1["on_main"] == "rank 0 found a bad file"
+    # round 1: items 0-1 on rank 0, 2-3 on rank 1, written by rank 0; round 2: rank 1 raises, both ranks stop
+    assert r0["map"] == r1["map"] == "rank 1 failed: MemoryError: out of memory on rank 1"
+    assert r0["written"] == [[0, 1, 4, 9]] and r1["written"] == []
+
+
+# --- the commands under torchrun ----------------------------------------------------------------------
+
+def test_generate_under_torchrun_writes_the_files_of_one_process(tiny_dirs, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red cube\na lighthouse at night\n")
+    args = ["generate", "--model", "tiny", "--res", "32x32", "--steps", "2", "--prompts", tmp_path / "prompts.txt",
+            "-n", "3", "--compare", "--seed", "5"]
+    one = single(tiny_dirs, *args, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = torchrun(tiny_dirs, *args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(files) == 2 * 3 * 2 + 2 + 1  # images (CR-Diff and dense), two grids, the manifest
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files
+    for name in files:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    # one progress bar and one summary line, from rank 0 only
+    assert two.stdout.count("wrote 12 images") == 1 and two.stderr.count("images") == 1
+
+
+@pytest.fixture(scope="module")
+def single_search(tiny_dirs, tmp_path_factory):
+    """The single-process search every torchrun search here must reproduce: (profile, journal entries)."""
+    folder = tmp_path_factory.mktemp("single")
+    (folder / "prompts.txt").write_text("a red cube\na lighthouse at night\n")
+    run = single(tiny_dirs, *SEARCH, "--prompts", folder / "prompts.txt", "--out", folder / "best.json")
+    assert run.returncode == 0, run.stderr
+    return json.loads((folder / "best.json").read_text()), read_journal(folder / "best.journal.jsonl")[1]
+
+
+def test_search_under_torchrun_gives_the_profile_and_journal_of_one_process(tiny_dirs, tmp_path, single_search):
+    (tmp_path / "prompts.txt").write_text("a red cube\na lighthouse at night\n")
+    run = torchrun(tiny_dirs, *SEARCH, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "best.json")
+    assert run.returncode == 0, run.stderr
+    profile, entries = single_search
+    assert json.loads((tmp_path / "best.json").read_text()) == profile
+    assert len(entries) == 8 and comparable(read_journal(tmp_path / "best.journal.jsonl")[1]) == comparable(entries)
+    assert all(len(e["scores"]) == 6 for e in entries)  # 2 prompts x 3 image seeds: 3 images per rank
+    assert (tmp_path / "best.trace.png").is_file()
+    # rank 0 alone logs: each step once
+    assert [line.split()[0] for line in crdiff_lines(run.stderr)] == [f"[{n}]" for n in range(1, 9)]
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=``rank`` (a child of the launcher)."""
+    for child in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            return int(child)
+    raise AssertionError(f"no worker with RANK={rank} under torchrun")
+
+
+def test_a_killed_rank_stops_the_search_in_one_line_and_resume_completes_it(tiny_dirs, tmp_path, single_search):
+    (tmp_path / "prompts.txt").write_text("a red cube\na lighthouse at night\n")
+    args = [*SEARCH, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "best.json"]
+    journal = tmp_path / "best.journal.jsonl"
+    proc = subprocess.Popen(torchrun_cmd("-m", "crdiff_cli", *args), env=env(tiny_dirs), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (journal.exists() and journal.read_bytes().count(b"\n") >= 1 + 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "the search ended or stalled before the kill"
+        time.sleep(0.01)
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)  # as the kernel's OOM killer would
+    stdout, stderr = proc.communicate()
+    assert proc.returncode != 0 and not (tmp_path / "best.json").exists()
+    errors = [line for line in crdiff_lines(stderr) if line.startswith("error:")]
+    assert len(errors) == 1, stderr  # one line, from rank 0
+    assert "add --resume to continue" in errors[0] and ("lost contact" in errors[0] or "stopped" in errors[0])
+    assert "rank      : 1" in stderr and "SIGKILL" in stderr  # torchrun's summary names the rank and the cause
+    durable = read_journal(journal)[1]
+    profile, entries = single_search
+    assert 3 <= len(durable) < 8 and comparable(durable) == comparable(entries[:len(durable)])
+
+    resumed = torchrun(tiny_dirs, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert comparable(read_journal(journal)[1]) == comparable(entries)
+    assert json.loads((tmp_path / "best.json").read_text()) == profile
