@@ -21,6 +21,9 @@ MODEL_HELP = ("Diffusers pipeline folder, hub id (from the local HF cache), sing
               "embedded test model: tiny (SD1.5-shaped) or tiny-sdxl.")
 RES_HELP = "Target resolution HEIGHTxWIDTH (paper convention), multiples of 8, e.g. 400x560."
 RATIOS_HELP = "Pruning ratios DOWN/MID/UP, each in [0, 1), e.g. 0.319/0.240/0.192."
+LORA_HELP = ("A LoRA to fuse into the model first: PATH[:SCALE] (scale default 1.0), a diffusers/PEFT or kohya "
+             ".safetensors file or a folder holding one (pickled .pt/.bin/.ckpt are refused). Repeatable, fused in "
+             "order. Pruning applies to the LoRA-fused weights.")
 PROFILE_HELP = "A built-in profile (see `crdiff profiles`, e.g. sd15@400x560) or a profile JSON file."
 
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli_shared import MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
+from crdiff_cli.cli_shared import LORA_HELP, MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
 from crdiff_cli.errors import CrdiffError
 
 
@@ -49,6 +49,8 @@ def generate(
     ort_fold_masks: bool = typer.Option(True, "--ort-fold-masks/--no-ort-fold-masks", help="ONNX Runtime: precompute "
                                         "the pruned weights at load (fast, a second copy of the target weights in "
                                         "memory) or mask them on every call (one copy, slower)."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP + " With --artifact the artifact's UNet "
+                                             "replaces the fused one: only the LoRA's text-encoder layers then apply."),
 ):
     """Text-to-image with CR-Diff (dense + pruned UNet combined by POA) on the live PyTorch path.
 
@@ -57,6 +59,7 @@ def generate(
     """
     from crdiff_cli.dual_unet import MASK_MODES
     from crdiff_cli.generate import GenerationSettings, check_k, read_prompts
+    from crdiff_cli.lora import fuse_loras, prepare_loras
     from crdiff_cli.models import torch_dtype
     from crdiff_cli.profile_table import get_profile
     from crdiff_cli.ratios import Ratios
@@ -92,6 +95,7 @@ def generate(
     torch_dtype(dtype)
     if out_dir.exists() and not out_dir.is_dir():
         raise CrdiffError(f"--out {out_dir} is a file; pass a folder")
+    loras = prepare_loras(lora, model)
     if warning:
         warn(warning)
 
@@ -102,7 +106,9 @@ def generate(
 
     with err.status(f"loading {model}"):
         loaded = load_model(model, dtype=dtype, device=device)
-    info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device}
+        fuse_loras(loaded.pipe, loras)
+    info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device,
+            **({"loras": [x.label for x in loras]} if loras else {})}
     dual = None
     if meta is not None:
         from crdiff_cli.exporters.artifacts import attach_artifact

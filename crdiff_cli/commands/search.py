@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli_shared import MODEL_HELP, RES_HELP, command, err, out, warn
+from crdiff_cli.cli_shared import LORA_HELP, MODEL_HELP, RES_HELP, command, err, out, warn
 from crdiff_cli.errors import CrdiffError
 
 
@@ -99,6 +99,7 @@ def search(
                               "'on-the-fly' (no extra memory, slower)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ... (model and scorer)."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP + " Part of the journal's identity."),
 ):
     """Search block-wise pruning ratios for a resolution by simulated annealing (CR-Diff Algorithm 1).
 
@@ -111,6 +112,7 @@ def search(
     from crdiff_cli.dual_unet import MASK_MODES
     from crdiff_cli.generate import GenerationSettings, check_k, read_prompts
     from crdiff_cli.journal import check_journal, default_journal_path
+    from crdiff_cli.lora import prepare_loras
     from crdiff_cli.models import torch_dtype
     from crdiff_cli.resolution import Resolution
     from crdiff_cli.scorers import known_scorers
@@ -145,8 +147,10 @@ def search(
             raise CrdiffError(f"k start {k_start:g} lies outside --k-bounds {k_bounds}; pass --k inside the bounds")
         config = k_search_config(config, k_lo_hi, k_start)
     settings = GenerationSettings(resolution, steps, guidance, negative_prompt, scheduler)
+    loras = prepare_loras(lora, model)
+    label = _model_label(model) + "".join(f" + lora {x.label}" for x in loras)
     plan = SearchPlan(tuple(prompts), settings, config, parse_seeds(image_seeds), None if search_k else k, search_k,
-                      fail_score, model=_model_label(model), dtype=str(torch_dtype(dtype)).removeprefix("torch."))
+                      fail_score, model=label, dtype=str(torch_dtype(dtype)).removeprefix("torch."))
     journal = journal or default_journal_path(out_path)
     trace_path = default_trace_path(out_path)
     check_output(out_path, overwrite or resume)
@@ -154,7 +158,7 @@ def search(
     if warning:
         warn(warning)
     _run(plan, scorer, journal, out_path, trace_path, resume=resume, overwrite=overwrite, masks=masks, dtype=dtype,
-         device=device)
+         device=device, model=model, loras=loras)
 
 
 def _model_label(model: str) -> str:
@@ -167,7 +171,7 @@ def _model_label(model: str) -> str:
 
 
 def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path, *, resume: bool, overwrite: bool,
-         masks: str, dtype: str, device: str) -> None:
+         masks: str, dtype: str, device: str, model: str, loras: list) -> None:
     """Load the scorer, check the journal's identity, load the model, search with the live view, write outputs.
 
     The scorer loads first: the journal records its canonical name (e.g. an absolute checkpoint path),
@@ -176,6 +180,7 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
     from dataclasses import replace
 
     from crdiff_cli.journal import check_journal
+    from crdiff_cli.lora import fuse_loras
     from crdiff_cli.models import load_model
     from crdiff_cli.scorers import load_scorer
     from crdiff_cli.search import save_result, search
@@ -186,7 +191,8 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
     plan = replace(plan, scorer=scorer.name)
     check_journal(journal, plan.identity(), resume=resume, overwrite=overwrite)
     with err.status(f"loading {plan.model}"):
-        loaded = load_model(plan.model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device)
+        fuse_loras(loaded.pipe, loras)
     try:
         with SearchView(err, plan.config.iters, plan.search_k) as view:
             result = search(loaded, scorer, plan, journal=journal, resume=resume, overwrite=overwrite, masks=masks,
