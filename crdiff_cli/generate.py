@@ -13,16 +13,24 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crdiff_cli import __version__
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.resolution import Resolution
 
+if TYPE_CHECKING:
+    from crdiff_cli.conditioning import ImageInputs
+
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
     "lms": "LMSDiscreteScheduler", "heun": "HeunDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler", "euler-trailing": "EulerDiscreteScheduler",
 }
+# Config changes a scheduler name implies: few-step distilled models (SDXL-Turbo/Lightning) sample "trailing"
+# timesteps, so that their 1-4 steps start at the last training timestep.
+SCHEDULER_OPTIONS = {"euler-trailing": {"timestep_spacing": "trailing"}}
 MANIFEST = "manifest.json"
 
 
@@ -35,6 +43,7 @@ class GenerationSettings:
     guidance: float = 7.5
     negative_prompt: str | None = None
     scheduler: str | None = None  # None: the model's own
+    inputs: "ImageInputs | None" = None  # ControlNet / init image (crdiff_cli.conditioning); None: text only
 
     def __post_init__(self):
         if self.steps < 1:
@@ -87,7 +96,8 @@ def set_scheduler(pipe, name: str | None) -> None:
         return
     import diffusers
 
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config,
+                                                                      **SCHEDULER_OPTIONS.get(name, {}))
 
 
 def denoising_calls(pipe, steps: int) -> int:
@@ -109,8 +119,9 @@ def generate_image(pipe, prompt: str, seed: int, settings: GenerationSettings,
             on_step()
         return kwargs
 
-    return pipe(prompt, negative_prompt=settings.negative_prompt, height=settings.resolution.height,
-                width=settings.resolution.width, num_inference_steps=settings.steps,
+    height, width = settings.resolution.height, settings.resolution.width
+    sizes_and_images = settings.inputs.call_kwargs(height, width) if settings.inputs else dict(height=height, width=width)
+    return pipe(prompt, negative_prompt=settings.negative_prompt, **sizes_and_images, num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance, generator=torch.Generator("cpu").manual_seed(seed),
                 callback_on_step_end=callback).images[0]
 
