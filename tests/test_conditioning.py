@@ -282,3 +282,44 @@ def test_controlnet_checks_that_need_the_loaded_model_or_an_artifact(files, tiny
         check_controlnet_fits(sdxl_config, tiny_readonly["tiny"].unet.config, "some/controlnet")
     with pytest.raises(CrdiffError, match=r"\.onnx artifact"):
         ImageInputs(str(files["cn-tiny"]), files["control"]).check("tiny", onnx=True)
+
+
+def test_ip_adapter_projections_live_in_attn2_and_are_never_targets(tiny_dirs):
+    """diffusers' IP-Adapter processors go on the cross-attention (attn2) processors only: targets, thresholds
+    unchanged, and image embeddings reach both dual branches."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+
+    from crdiff_cli.targets import target_weights
+
+    unet = load_model("tiny").unet
+    before = {g: [(n, p.numel()) for n, p in ws] for g, ws in target_weights(unet).items()}
+    spec = PruneSpec.from_unet(unet, Ratios.parse(RATIOS))
+    torch.manual_seed(3)
+    processors = {}
+    for name in unet.attn_processors:  # what diffusers' _convert_ip_adapter_attn_to_diffusers installs
+        attention = unet.get_submodule(name.removesuffix(".processor"))
+        processors[name] = AttnProcessor2_0() if name.endswith("attn1.processor") else IPAdapterAttnProcessor2_0(
+            hidden_size=attention.to_q.out_features, cross_attention_dim=32, num_tokens=(4,))
+    unet.set_attn_processor(processors)
+    unet.encoder_hid_proj = MultiIPAdapterImageProjection([ImageProjection(16, 32, num_image_text_embeds=4)])
+    unet.config.encoder_hid_dim_type = "ip_image_proj"
+    ip_params = [n for n, _ in unet.named_parameters() if "_ip." in n]
+    assert ip_params and all(".attn2.processor.to_" in n for n in ip_params)
+    assert {g: [(n, p.numel()) for n, p in ws] for g, ws in target_weights(unet).items()} == before
+    assert PruneSpec.from_unet(unet, Ratios.parse(RATIOS)) == spec
+    gen = torch.Generator().manual_seed(0)
+    sample, text = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 32, generator=gen)
+    image_embeds = [torch.randn(1, 1, 16, generator=gen)]
+    dual = DualUNet(unet, spec, k=1.0)
+    with torch.no_grad():
+        try:
+            outputs = {}
+            for k in (0.0, 1.0, 1.5):
+                dual.k = k
+                outputs[k] = dual(sample, 5, text, added_cond_kwargs={"image_embeds": image_embeds}).sample
+        finally:
+            dual.release()
+        without = unet(sample, 5, text, added_cond_kwargs={"image_embeds": [torch.zeros(1, 1, 16)]}).sample
+    assert torch.equal(outputs[1.5], torch.lerp(outputs[0.0], outputs[1.0], 1.5))
+    assert not torch.equal(outputs[0.0], without)  # the image prompt really enters the UNet
