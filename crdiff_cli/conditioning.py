@@ -63,10 +63,7 @@ class ImageInputs:
         if onnx and self.controlnet is not None:
             raise CrdiffError("ControlNet residuals cannot enter an .onnx artifact's graph; use a .safetensors "
                               "artifact or --model without --artifact")
-        for flag, path in (("--control-image", self.control_image), ("--init-image", self.init_image),
-                           ("--mask-image", self.mask_image)):
-            if path is not None:
-                self._images[flag] = read_image(path, flag)
+        self._read_images()
         if self.controlnet is not None:
             from crdiff_cli.models import peek_unet_config
 
@@ -99,7 +96,7 @@ class ImageInputs:
         Every image is resized to the target resolution; img2img pipelines take the size from the init
         image (they have no ``height``/``width``), the others are given it.
         """
-        images = {flag: image.resize((width, height), _resample()) for flag, image in self._images.items()}
+        images = {flag: image.resize((width, height), _resample()) for flag, image in self._read_images().items()}
         plain_img2img = self.init_image is not None and self.mask_image is None and self.controlnet is None
         kwargs = {} if plain_img2img else {"height": height, "width": width}
         if self.init_image is not None:
@@ -110,6 +107,14 @@ class ImageInputs:
             kwargs["control_image" if self.init_image is not None else "image"] = images["--control-image"]
             kwargs["controlnet_conditioning_scale"] = self.control_scale
         return kwargs
+
+    def _read_images(self) -> dict:
+        """``{flag: RGB image}``, each file decoded once (at :meth:`check`, so a broken one fails early)."""
+        for flag, path in (("--control-image", self.control_image), ("--init-image", self.init_image),
+                           ("--mask-image", self.mask_image)):
+            if path is not None and flag not in self._images:
+                self._images[flag] = read_image(path, flag)
+        return self._images
 
     @property
     def strength_or_default(self) -> float:

@@ -61,6 +61,11 @@ def prepare_loras(texts: list[str] | None, model: str) -> list[LoraFile]:
 
     loras = [parse_lora(t) for t in texts or []]
     if loras:
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            raise CrdiffError("--lora needs the peft package (diffusers loads LoRAs through it): "
+                              "pip install 'crdiff[lora]' (or pip install peft)")
         check_fits(loras, peek_unet_config(model), model)
     return loras
 
