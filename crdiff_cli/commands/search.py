@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli_shared import LORA_HELP, MODEL_HELP, RES_HELP, command, err, out, warn
+from crdiff_cli.cli_shared import LORA_HELP, MODEL_HELP, SCHEDULER_HELP, RES_HELP, command, err, out, warn
 from crdiff_cli.errors import CrdiffError
 
 
@@ -87,8 +87,7 @@ def search(
                                      "scoring fails (reference -2.0)."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, pndm, euler, euler-a, dpm++, lms, "
-                                            "heun or unipc (default: the model's own)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
     journal: Optional[Path] = typer.Option(None, "--journal", help="JSONL journal of every step (default: "
                                            "<out name>.journal.jsonl next to --out)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the search recorded in the journal (same "
