@@ -111,8 +111,12 @@ class DualUNet(nn.Module):
             return self.unet(*args, **kwargs)
         if self.k == 1:
             return self._pruned(*args, **kwargs)
+        # Both passes get the same inputs. The UNet consumes list arguments in place (T2I-Adapter residuals
+        # are popped from ``down_intrablock_additional_residuals``), so the pruned pass gets its own lists;
+        # the tensors themselves (ControlNet residuals included) are shared, never recomputed.
+        pruned_kwargs = {name: list(v) if isinstance(v, list) else v for name, v in kwargs.items()}
         dense = self.unet(*args, **kwargs)
-        pruned = self._pruned(*args, **kwargs)
+        pruned = self._pruned(*args, **pruned_kwargs)
         if isinstance(dense, tuple):
             return (torch.lerp(dense[0], pruned[0], self.k), *dense[1:])
         dense.sample = torch.lerp(dense.sample, pruned.sample, self.k)

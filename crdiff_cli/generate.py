@@ -14,16 +14,24 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crdiff_cli import __version__
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.resolution import Resolution
 
+if TYPE_CHECKING:
+    from crdiff_cli.conditioning import ImageInputs
+
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
     "euler-a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
     "lms": "LMSDiscreteScheduler", "heun": "HeunDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler", "euler-trailing": "EulerDiscreteScheduler",
 }
+# Config changes a scheduler name implies: few-step distilled models (SDXL-Turbo/Lightning) sample "trailing"
+# timesteps, so that their 1-4 steps start at the last training timestep.
+SCHEDULER_OPTIONS = {"euler-trailing": {"timestep_spacing": "trailing"}}
 MANIFEST = "manifest.json"
 
 
@@ -36,6 +44,7 @@ class GenerationSettings:
     guidance: float = 7.5
     negative_prompt: str | None = None
     scheduler: str | None = None  # None: the model's own
+    inputs: "ImageInputs | None" = None  # ControlNet / init image (crdiff_cli.conditioning); None: text only
 
     def __post_init__(self):
         if self.steps < 1:
@@ -88,7 +97,8 @@ def set_scheduler(pipe, name: str | None) -> None:
         return
     import diffusers
 
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config,
+                                                                      **SCHEDULER_OPTIONS.get(name, {}))
 
 
 def denoising_calls(pipe, steps: int) -> int:
@@ -125,10 +135,11 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], settings: Genera
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     single = len(prompts) == 1
     negative = settings.negative_prompt
+    height, width = settings.resolution.height, settings.resolution.width
+    sizes_and_images = settings.inputs.call_kwargs(height, width) if settings.inputs else dict(height=height, width=width)
     return pipe(prompts[0] if single else list(prompts),
                 negative_prompt=negative if single or negative is None else [negative] * len(prompts),
-                height=settings.resolution.height, width=settings.resolution.width,
-                num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                **sizes_and_images, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                 generator=generators[0] if single else generators, callback_on_step_end=callback).images
 
 

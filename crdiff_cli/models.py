@@ -89,6 +89,18 @@ def load_model(model: str, *, dtype: str = "fp32", device: str = "cpu") -> Loade
     return loaded
 
 
+def peek_unet_config(model: str) -> dict | None:
+    """The UNet config of ``model`` read without loading it (tiny models and pipeline folders), else None.
+
+    Lets adapters that must fit the UNet (LoRA, ControlNet) be checked before the expensive load.
+    """
+    folder = tiny_model_path(model) if model in TINY_MODELS else Path(model).expanduser()
+    try:
+        return json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _looks_like_path(model: str) -> bool:
     """Anything but ``owner/name`` is a path (hub ids of SD pipelines always have an owner)."""
     return os.path.exists(os.path.expanduser(model)) or model.startswith((".", "/", "~")) \

@@ -12,17 +12,19 @@ from crdiff_cli.prune_spec import PruneSpec, prune_
 RECORD_FORMAT = "crdiff-prune/1"
 
 
-def prune_record(loaded: LoadedModel, spec: PruneSpec, origin: str, resolution: str | None) -> dict:
-    """What ``crdiff_prune.json`` holds: where the ratios came from and, per group, the exact outcome."""
+def prune_record(loaded: LoadedModel, spec: PruneSpec, origin: str, resolution: str | None,
+                 loras: list[str] | None = None) -> dict:
+    """What ``crdiff_prune.json`` holds: where the ratios came from, the LoRAs fused in (``path:scale``, in
+    order) and, per group, the exact outcome."""
     return {"format": RECORD_FORMAT, "model": loaded.source, "family": loaded.family, "resolution": resolution,
-            "ratios_origin": origin, **spec.to_dict()}
+            "loras": loras or [], "ratios_origin": origin, **spec.to_dict()}
 
 
 def write_pruned(loaded: LoadedModel, spec: PruneSpec, out: Path, *, origin: str, resolution: str | None = None,
-                 unet_only: bool = False, overwrite: bool = False) -> dict:
+                 unet_only: bool = False, overwrite: bool = False, loras: list[str] | None = None) -> dict:
     """Prune ``loaded``'s UNet in place and save it (whole pipeline, or just the UNet) to ``out`` atomically."""
     prune_(loaded.unet, spec)
-    record = prune_record(loaded, spec, origin, resolution)
+    record = prune_record(loaded, spec, origin, resolution, loras)
     with atomic_path(out, overwrite, directory=True) as tmp:
         target = loaded.unet if unet_only else loaded.pipe
         target.save_pretrained(tmp, safe_serialization=True)

@@ -25,6 +25,7 @@ from crdiff_cli.exporters.validate import (TOLERANCES, VerificationError, Verifi
                                            validate_model_outputs, verification_cases)
 from crdiff_cli.prune_spec import PruneSpec
 from crdiff_cli.resolution import Resolution
+from crdiff_cli.targets import require_plain
 
 
 @dataclass
@@ -51,9 +52,11 @@ def bake(unet, spec: PruneSpec, *, k: float, resolution: Resolution, family: str
     ``verify`` compares the written artifact with ``reference`` (default: the live
     :class:`~crdiff_cli.dual_unet.DualUNet` of ``unet``, ``spec`` and ``k``) and raises a
     :class:`~crdiff_cli.exporters.validate.VerificationError` on a mismatch, in which case nothing is
-    written. ``external_data`` (ONNX) forces or forbids the external weights file; None decides by size.
+    written. A UNet with PEFT adapter layers is refused (fuse and unload the LoRA first).
+    ``external_data`` (ONNX) forces or forbids the external weights file; None decides by size.
     ``on_stage(name)`` is called as each stage starts (for progress display).
     """
+    require_plain(unet)
     out = Path(out)
     fmt = format_of(out)
     files = output_files(out)

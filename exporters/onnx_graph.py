@@ -25,7 +25,7 @@ from torch import nn
 from crdiff_cli.dual_unet import Branch
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.prune_spec import PruneSpec, check_matches
-from crdiff_cli.targets import group_of
+from crdiff_cli.targets import group_of, require_plain
 
 OUTPUT = "out_sample"
 
@@ -132,6 +132,7 @@ class DualGraph(nn.Module):
 @contextmanager
 def dual_graph(unet: nn.Module, spec: PruneSpec, k: float):
     """Yield a :class:`DualGraph` over ``unet`` (linears swapped for export); restore ``unet`` after."""
+    require_plain(unet)
     check_matches(unet, spec)
     thresholds = spec.thresholds()
     branch = Branch()

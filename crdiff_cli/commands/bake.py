@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli_shared import MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
+from crdiff_cli.cli_shared import LORA_HELP, MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
 from crdiff_cli.errors import CrdiffError
 
 
@@ -30,6 +30,7 @@ def bake(
                                 "live dual UNet at two resolutions and batch sizes 1 and 2 (fails above relative "
                                 "error 1e-4 in fp32, 1e-2 in fp16; nothing is written then)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP + " The artifact holds the fused UNet."),
 ):
     """Bake CR-Diff into one deployable artifact: the dense UNet weights once, plus what makes the pruned twin.
 
@@ -41,6 +42,7 @@ def bake(
     from crdiff_cli.exporters.artifacts import format_of, output_files, require_onnx
     from crdiff_cli.exporters.onnx_artifact import check_opset
     from crdiff_cli.generate import check_k
+    from crdiff_cli.lora import fuse_loras, prepare_loras
     from crdiff_cli.profile_table import get_profile
     from crdiff_cli.ratios import Ratios
     from crdiff_cli.resolution import Resolution
@@ -59,6 +61,7 @@ def bake(
     warning = check_k(k)
     for path in output_files(out_path):
         check_output(path, overwrite)
+    loras = prepare_loras(lora, model)
     if warning:
         warn(warning)
 
@@ -70,6 +73,7 @@ def bake(
 
     with err.status(f"loading {model}"):
         loaded = load_model(model, dtype=dtype)
+        fuse_loras(loaded.pipe, loras)
     choice = choose_ratios(loaded.family, ratios=ratios, profile=profile, resolution=resolution)
     if choice.warning:
         warn(choice.warning)

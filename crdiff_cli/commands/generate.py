@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli_shared import (MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, start_ranks,
-                                   warn)
+from crdiff_cli.cli_shared import (CONTROL_IMAGE_HELP, CONTROL_SCALE_HELP, CONTROLNET_HELP, GUIDANCE_HELP,
+                                   INIT_IMAGE_HELP, LORA_HELP, MASK_IMAGE_HELP, MODEL_HELP, PROFILE_HELP, RATIOS_HELP,
+                                   RES_HELP, SCHEDULER_HELP, STRENGTH_HELP, command, err, out, start_ranks, warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -33,10 +34,9 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="First seed; image j of a prompt uses seed + j."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt."),
     steps: int = typer.Option(30, "--steps", help="Denoising steps."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    guidance: float = typer.Option(7.5, "--guidance", help=GUIDANCE_HELP),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, pndm, euler, euler-a, dpm++, lms, heun "
-                                            "or unipc (default: the model's own)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
     masks: str = typer.Option("copy", "--masks", help="Pruned twin: 'copy' (masked copies of the targets, "
                               "fastest) or 'on-the-fly' (no extra weights, slower)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs). Default fp32; "
@@ -50,11 +50,21 @@ def generate(
     ort_fold_masks: bool = typer.Option(True, "--ort-fold-masks/--no-ort-fold-masks", help="ONNX Runtime: precompute "
                                         "the pruned weights at load (fast, a second copy of the target weights in "
                                         "memory) or mask them on every call (one copy, slower)."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP + " With --artifact the artifact's UNet "
+                                             "replaces the fused one: only the LoRA's text-encoder layers then apply."),
+    controlnet: Optional[str] = typer.Option(None, "--controlnet", help=CONTROLNET_HELP),
+    control_image: Optional[Path] = typer.Option(None, "--control-image", help=CONTROL_IMAGE_HELP),
+    control_scale: float = typer.Option(1.0, "--control-scale", help=CONTROL_SCALE_HELP),
+    init_image: Optional[Path] = typer.Option(None, "--init-image", help=INIT_IMAGE_HELP),
+    strength: Optional[float] = typer.Option(None, "--strength", help=STRENGTH_HELP),
+    mask_image: Optional[Path] = typer.Option(None, "--mask-image", help=MASK_IMAGE_HELP),
 ):
     """Text-to-image with CR-Diff (dense + pruned UNet combined by POA) on the live PyTorch path.
 
     Writes OUT/<prompt-index>_<seed>.png (generation parameters embedded as PNG text) and
     OUT/manifest.json. Resolution is HEIGHTxWIDTH. With --artifact, the baked UNet replaces the model's.
+    --controlnet, --init-image (img2img) and --mask-image (inpainting) run diffusers' matching pipeline
+    with the same dual UNet; one ControlNet pass per step feeds both branches.
 
     Many GPUs: torchrun --nproc-per-node N -m crdiff_cli generate ... (same flags, --device cuda) splits
     the images across the ranks; rank 0 writes them all, byte for byte the files of one process. Several
@@ -62,8 +72,10 @@ def generate(
     --rdzv-id ID. N ranks make close to N times the images per hour: the images are dealt out in rounds
     of one per rank, so a round waits for its slowest GPU (docs/distributed.md).
     """
+    from crdiff_cli.conditioning import ImageInputs
     from crdiff_cli.dual_unet import MASK_MODES
     from crdiff_cli.generate import GenerationSettings, check_k, read_prompts
+    from crdiff_cli.lora import fuse_loras, prepare_loras
     from crdiff_cli.models import torch_dtype
     from crdiff_cli.profile_table import get_profile
     from crdiff_cli.ratios import Ratios
@@ -95,14 +107,18 @@ def generate(
         raise CrdiffError(f"--num-images {num_images} must be at least 1")
     if dense and compare:
         raise CrdiffError("--dense and --compare together make no sense; --compare already includes the dense image")
-    settings = GenerationSettings(resolution, steps, guidance, negative_prompt, scheduler)
+    inputs = ImageInputs(controlnet, control_image, control_scale, init_image, strength, mask_image)
+    inputs.check(model, onnx=artifact is not None and artifact.suffix == ".onnx")
+    settings = GenerationSettings(resolution, steps, guidance, negative_prompt, scheduler,
+                                  inputs if inputs.active else None)
     torch_dtype(dtype)
     if out_dir.exists() and not out_dir.is_dir():
         raise CrdiffError(f"--out {out_dir} is a file; pass a folder")
+    loras = prepare_loras(lora, model)
     if warning:
         warn(warning)
 
-    from crdiff_cli.generate import attach_dual, crdiff_info, denoising_calls, run, set_scheduler
+    from crdiff_cli.generate import attach_dual, crdiff_info, run, set_scheduler
     from crdiff_cli.models import load_model
     from crdiff_cli.profile_table import choose_ratios
     from crdiff_cli.prune_spec import PruneSpec
@@ -110,7 +126,10 @@ def generate(
     ranks = start_ranks(device)
     with err.status(f"loading {model}"):
         loaded = load_model(model, dtype=dtype, device=ranks.device(device))
-    info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device}
+        fuse_loras(loaded.pipe, loras)
+        loaded.pipe = inputs.pipeline(loaded.pipe)
+    info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device,
+            **({"loras": [x.label for x in loras]} if loras else {}), **inputs.info()}
     dual = None
     if meta is not None:
         from crdiff_cli.exporters.artifacts import attach_artifact
@@ -131,7 +150,7 @@ def generate(
         info.update(crdiff_info(choice, spec, k, masks))
     seeds = list(range(seed, seed + num_images))
     set_scheduler(loaded.pipe, scheduler)
-    per_image = denoising_calls(loaded.pipe, steps) * (2 if compare else 1)
+    per_image = inputs.denoising_calls(loaded.pipe, steps) * (2 if compare else 1)
     with progress_bars() as bars:
         images = bars.add_task("images", total=len(prompts) * len(seeds) * (2 if compare else 1))
         # under torchrun the images bar counts every rank's images; steps are per rank, so no steps bar

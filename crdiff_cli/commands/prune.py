@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli_shared import MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
+from crdiff_cli.cli_shared import LORA_HELP, MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
 from crdiff_cli.errors import CrdiffError
 
 
@@ -22,14 +22,17 @@ def prune(
     unet_only: bool = typer.Option(False, "--unet-only", help="Write only the pruned UNet folder."),
     dtype: str = typer.Option("fp32", "--dtype", help="Weights dtype: fp32, fp16 or bf16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP),
 ):
     """Prune a UNet block-wise by weight magnitude and save it.
 
     Targets are the self-attention and feed-forward linears of the down/mid/up transformer blocks. In
     each group the m = floor(n*r) smallest-magnitude weights (and any tied with the m-th) become zero.
+    With --lora, the LoRA-fused weights are pruned (and the folder holds the fused text encoders too).
     Writes OUT as a diffusers pipeline folder (or just the UNet with --unet-only) and OUT/crdiff_prune.json.
     """
     from crdiff_cli.atomic import check_output
+    from crdiff_cli.lora import fuse_loras, prepare_loras
     from crdiff_cli.models import load_model, torch_dtype
     from crdiff_cli.profile_table import choose_ratios
     from crdiff_cli.ratios import Ratios
@@ -44,12 +47,14 @@ def prune(
         get_profile(profile)
     torch_dtype(dtype)
     check_output(out_dir, overwrite)
+    loras = prepare_loras(lora, model)
 
     from crdiff_cli.prune_output import write_pruned
     from crdiff_cli.prune_spec import PruneSpec
 
     with err.status(f"loading {model}"):
         loaded = load_model(model, dtype=dtype)
+        fuse_loras(loaded.pipe, loras)
     choice = choose_ratios(loaded.family, ratios=ratios, profile=profile, resolution=resolution)
     if choice.warning:
         warn(choice.warning)
@@ -57,7 +62,7 @@ def prune(
         spec = PruneSpec.from_unet(loaded.unet, choice.ratios)
     with err.status(f"writing {out_dir}"):
         write_pruned(loaded, spec, out_dir, origin=choice.origin, resolution=str(resolution) if resolution else None,
-                     unet_only=unet_only, overwrite=overwrite)
+                     unet_only=unet_only, overwrite=overwrite, loras=[x.label for x in loras])
     out.print(spec_table(spec, title=f"{model} ({loaded.family}) pruned with {choice.origin}"))
     out.print(f"wrote {out_dir}")
 

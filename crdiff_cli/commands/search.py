@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli_shared import MODEL_HELP, RES_HELP, command, err, out, start_ranks, warn
+from crdiff_cli.cli_shared import LORA_HELP, MODEL_HELP, RES_HELP, SCHEDULER_HELP, command, err, out, start_ranks, warn
 from crdiff_cli.errors import CrdiffError
 
 
@@ -89,8 +89,7 @@ def search(
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (reference: \"\", "
                                         "recorded in the profile)."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, pndm, euler, euler-a, dpm++, lms, "
-                                            "heun or unipc (default: the model's own)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
     journal: Optional[Path] = typer.Option(None, "--journal", help="JSONL journal of every step (default: "
                                            "<out name>.journal.jsonl next to --out)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the search recorded in the journal (same "
@@ -101,6 +100,7 @@ def search(
                               "'on-the-fly' (no extra memory, slower)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ... (model and scorer)."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP + " Part of the journal's identity."),
 ):
     """Search block-wise pruning ratios for a resolution by simulated annealing (CR-Diff Algorithm 1).
 
@@ -120,6 +120,7 @@ def search(
     from crdiff_cli.dual_unet import MASK_MODES
     from crdiff_cli.generate import GenerationSettings, check_k, read_prompts
     from crdiff_cli.journal import check_journal, default_journal_path
+    from crdiff_cli.lora import prepare_loras
     from crdiff_cli.models import torch_dtype
     from crdiff_cli.resolution import Resolution
     from crdiff_cli.scorers import known_scorers
@@ -154,8 +155,10 @@ def search(
             raise CrdiffError(f"k start {k_start:g} lies outside --k-bounds {k_bounds}; pass --k inside the bounds")
         config = k_search_config(config, k_lo_hi, k_start)
     settings = GenerationSettings(resolution, steps, guidance, negative_prompt, scheduler)
+    loras = prepare_loras(lora, model)
+    label = _model_label(model) + "".join(f" + lora {x.label}" for x in loras)
     plan = SearchPlan(tuple(prompts), settings, config, parse_seeds(image_seeds), None if search_k else k, search_k,
-                      fail_score, model=_model_label(model), dtype=str(torch_dtype(dtype)).removeprefix("torch."))
+                      fail_score, model=label, dtype=str(torch_dtype(dtype)).removeprefix("torch."))
     journal = journal or default_journal_path(out_path)
     trace_path = default_trace_path(out_path)
     ranks = start_ranks(device)
@@ -164,7 +167,7 @@ def search(
     if warning:
         warn(warning)
     _run(plan, scorer, journal, out_path, trace_path, resume=resume, overwrite=overwrite, masks=masks, dtype=dtype,
-         device=device, ranks=ranks)
+         device=device, ranks=ranks, model=model, loras=loras)
 
 
 def _model_label(model: str) -> str:
@@ -177,7 +180,7 @@ def _model_label(model: str) -> str:
 
 
 def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path, *, resume: bool, overwrite: bool,
-         masks: str, dtype: str, device: str, ranks) -> None:
+         masks: str, dtype: str, device: str, ranks, model: str, loras: list) -> None:
     """Load the scorer, check the journal's identity, load the model, search with the live view, write outputs.
 
     The scorer loads first: the journal records its canonical name (e.g. an absolute checkpoint path),
@@ -187,6 +190,7 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
 
     from crdiff_cli.distributed import RankFailure
     from crdiff_cli.journal import check_journal
+    from crdiff_cli.lora import fuse_loras
     from crdiff_cli.models import load_model
     from crdiff_cli.scorers import load_scorer
     from crdiff_cli.search import save_result, search
@@ -197,7 +201,8 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
     plan = replace(plan, scorer=scorer.name)
     ranks.on_main(lambda: check_journal(journal, plan.identity(), resume=resume, overwrite=overwrite))
     with err.status(f"loading {plan.model}"):
-        loaded = load_model(plan.model, dtype=dtype, device=ranks.device(device))
+        loaded = load_model(model, dtype=dtype, device=ranks.device(device))
+        fuse_loras(loaded.pipe, loras)
     try:
         with SearchView(err, plan.config.iters, plan.search_k) as view:
             result = search(loaded, scorer, plan, journal=journal, resume=resume, overwrite=overwrite, masks=masks,
