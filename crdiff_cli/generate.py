@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from crdiff_cli import __version__
+from crdiff_cli.atomic import staging_name
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.resolution import Resolution
 
@@ -24,6 +25,7 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler", "heun": "HeunDiscreteScheduler", "unipc": "UniPCMultistepScheduler",
 }
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "crdiff-images/1"  # marks a folder as a generate output (crdiff_cli.image_folder)
 
 
 @dataclass
@@ -37,6 +39,9 @@ class GenerationSettings:
     scheduler: str | None = None  # None: the model's own
 
     def __post_init__(self):
+        from crdiff_cli.validation import check_finite
+
+        check_finite("--guidance", self.guidance)
         if self.steps < 1:
             raise CrdiffError(f"--steps {self.steps} must be at least 1")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
@@ -129,7 +134,7 @@ def save_png(image, path: Path, params: dict) -> None:
     info = PngInfo()
     info.add_text("crdiff", json.dumps(params, sort_keys=True))
     info.add_text("parameters", human_parameters(params))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = staging_name(path)
     try:
         image.save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
@@ -168,9 +173,9 @@ def compare_grid(pairs: list[tuple[int, object, object]], title: str):
 
 
 def write_manifest(out_dir: Path, records: list[ImageRecord], run: dict) -> None:
-    tmp = out_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"run": run, "images": [asdict(r) for r in records]}, indent=2) + "\n",
-                   encoding="utf-8")
+    tmp = staging_name(out_dir / MANIFEST)
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "run": run, "images": [asdict(r) for r in records]},
+                              indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / MANIFEST)
 
 

@@ -20,6 +20,23 @@ from pathlib import Path
 from crdiff_cli.errors import CrdiffError
 
 FORMAT = "crdiff-search-journal/1"
+_HEADER_START = b'{"format":"' + FORMAT.encode() + b'"'  # how open_journal writes line 1
+
+
+def is_journal(path: Path) -> bool:
+    """Whether ``path`` is a crdiff journal: line 1 names the format (or is that line, torn by a kill)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+    except OSError:
+        return False
+    if not first.endswith(b"\n"):
+        return first.startswith(_HEADER_START)
+    try:
+        header = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT
 
 
 def default_journal_path(profile: Path) -> Path:
@@ -52,8 +69,11 @@ def check_identity(path: Path, header: dict, identity: dict) -> None:
     """Refuse to resume a journal written by a search with a different definition."""
     theirs, identity = _flat(header.get("identity", {})), _flat(identity)
     differ = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
+    if "prompts_sha256" in differ:  # a hash says nothing to a person: name the difference instead
+        differ = ["the prompts differ"] + [k for k in differ if k not in ("prompts", "prompts_sha256")]
     if differ:
-        shown = "; ".join(f"{k}: journal {_short(theirs.get(k))} vs now {_short(identity.get(k))}" for k in differ[:3])
+        shown = "; ".join(k if k == "the prompts differ" else
+                          f"{k}: journal {_short(theirs.get(k))} vs now {_short(identity.get(k))}" for k in differ[:3])
         raise CrdiffError(f"journal {path} belongs to a different search ({shown}); resume with the same "
                           "settings, or start a new search with another --journal or --overwrite")
 
@@ -84,6 +104,11 @@ def check_journal(path: Path, identity: dict | None, *, resume: bool, overwrite:
         raise CrdiffError("--resume and --overwrite contradict each other; pass only one")
     if not path.parent.is_dir():
         raise CrdiffError(f"the folder {path.parent} for journal {path.name} does not exist; create it first")
+    if (path.exists() or path.is_symlink()) and not (path.is_file() and is_journal(path)):
+        what = "an empty file" if path.is_file() and path.stat().st_size == 0 else "a folder" if path.is_dir() \
+            else "not a crdiff search journal"
+        raise CrdiffError(f"--journal {path} is {what} (line 1 of a journal names \"{FORMAT}\"); crdiff never "
+                          "modifies it: pass another --journal")
     if not resume:
         if path.exists() and not overwrite:
             raise CrdiffError(f"journal {path} already exists; continue that search with --resume, or start "

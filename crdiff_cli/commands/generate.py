@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli_shared import MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
+from crdiff_cli.cli_shared import MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, plural, warn
 from crdiff_cli.errors import CrdiffError
 
 
@@ -17,7 +17,8 @@ def generate(
                               "supplies text encoders, tokenizers, VAE and scheduler."),
     res: Optional[str] = typer.Option(None, "--res", help=RES_HELP + " Required, except with --artifact (default: "
                                       "the artifact's)."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.json (created if missing)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.json (created if missing; "
+                                 "an existing one must be empty, or a previous generate output with --overwrite)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A UTF-8 file, one prompt per line (# comments)."),
     k: Optional[float] = typer.Option(None, "--k", help="POA coefficient: e = e_dense + k (e_pruned - e_dense). 0 = "
@@ -49,29 +50,32 @@ def generate(
     ort_fold_masks: bool = typer.Option(True, "--ort-fold-masks/--no-ort-fold-masks", help="ONNX Runtime: precompute "
                                         "the pruned weights at load (fast, a second copy of the target weights in "
                                         "memory) or mask them on every call (one copy, slower)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous crdiff generate output in --out "
+                                   "(a folder holding anything else is refused)."),
 ):
     """Text-to-image with CR-Diff (dense + pruned UNet combined by POA) on the live PyTorch path.
 
     Writes OUT/<prompt-index>_<seed>.png (generation parameters embedded as PNG text) and
     OUT/manifest.json. Resolution is HEIGHTxWIDTH. With --artifact, the baked UNet replaces the model's.
     """
+    from crdiff_cli.atomic import check_output
     from crdiff_cli.dual_unet import MASK_MODES
     from crdiff_cli.generate import GenerationSettings, check_k, read_prompts
+    from crdiff_cli.image_folder import IMAGES
     from crdiff_cli.models import torch_dtype
-    from crdiff_cli.profile_table import get_profile
+    from crdiff_cli.profile_table import check_ratio_source, get_profile
     from crdiff_cli.ratios import Ratios
     from crdiff_cli.resolution import Resolution
+    from crdiff_cli.validation import check_device, check_prompt
 
     meta = _artifact_metadata(artifact, res, provider, ort_fold_masks)
     resolution = Resolution.parse(res) if res is not None else meta.resolution
     if (prompt is None) == (prompts_file is None):
         raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
-    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompts(prompts_file)
+    check_prompt("--negative-prompt", negative_prompt)
     warning = check_k(k) if k is not None else None
-    if ratios is not None:
-        Ratios.parse(ratios)
-    elif profile is not None:
-        get_profile(profile)
+    check_ratio_source(ratios=ratios, profile=profile, resolution=resolution)
     if masks not in MASK_MODES:
         raise CrdiffError(f"--masks {masks!r} is not a mask mode; use one of {', '.join(MASK_MODES)}")
     wanted = None  # ratios asked for explicitly (an artifact brings its own)
@@ -90,8 +94,8 @@ def generate(
         raise CrdiffError("--dense and --compare together make no sense; --compare already includes the dense image")
     settings = GenerationSettings(resolution, steps, guidance, negative_prompt, scheduler)
     torch_dtype(dtype)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CrdiffError(f"--out {out_dir} is a file; pass a folder")
+    check_device(device)
+    check_output(out_dir, overwrite, IMAGES)
     if warning:
         warn(warning)
 
@@ -123,6 +127,10 @@ def generate(
         info.update(mode="crdiff", k=k, ratios=str(choice.ratios), ratios_origin=choice.origin,
                     thresholds=spec.thresholds(), masks=masks)
     seeds = list(range(seed, seed + num_images))
+    if out_dir.is_dir():  # empty, or a previous output that --overwrite replaces (check_output made sure)
+        from crdiff_cli.image_folder import clear_image_folder
+
+        clear_image_folder(out_dir)
     set_scheduler(loaded.pipe, scheduler)
     per_image = denoising_calls(loaded.pipe, steps) * (2 if compare else 1)
     with progress_bars() as bars:
@@ -133,7 +141,7 @@ def generate(
     what = "dense" if dense else f"CR-Diff k={info['k']:g}, ratios {info['ratios']}"
     if meta is not None:
         what += f", from {artifact}" + (f" on {info['provider']}" if "provider" in info else "")
-    out.print(f"wrote {len(records)} images ({what}, {resolution} HxW, {steps} steps) to {out_dir}")
+    out.print(f"wrote {plural(len(records), 'image')} ({what}, {resolution} HxW, {steps} steps) to {out_dir}")
 
 
 def _artifact_metadata(artifact: Optional[Path], res: Optional[str], provider: Optional[str], fold_masks: bool):

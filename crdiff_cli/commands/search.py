@@ -44,6 +44,10 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         seeds = tuple(int(x) for x in text.split(","))
     except ValueError:
         raise CrdiffError(f"--image-seeds {text!r} must be comma-separated integers, e.g. 24432 or 1,2,3") from None
+    from crdiff_cli.validation import check_seed
+
+    for seed in seeds:
+        check_seed("--image-seeds", seed)
     if len(set(seeds)) != len(seeds):
         raise CrdiffError(f"--image-seeds {text!r} repeats a seed; each (prompt, seed) image is scored once")
     return seeds
@@ -112,14 +116,18 @@ def search(
     from crdiff_cli.generate import GenerationSettings, check_k, read_prompts
     from crdiff_cli.journal import check_journal, default_journal_path
     from crdiff_cli.models import torch_dtype
+    from crdiff_cli.profile_table import PROFILE
     from crdiff_cli.resolution import Resolution
     from crdiff_cli.scorers import known_scorers
     from crdiff_cli.search import DEFAULT_K_START, SearchPlan, default_trace_path, k_search_config
+    from crdiff_cli.trace_plot import TRACE
+    from crdiff_cli.validation import check_device, check_prompt
 
     resolution = Resolution.parse(res)
     if (prompt is None) == (prompts_file is None):
         raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
-    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompts(prompts_file)
+    check_prompt("--negative-prompt", negative_prompt)
     lo_hi = parse_bounds(bounds, "--bounds", ratio=True)
     seeds = parse_init(init, lo_hi)
     for flag, value, ok, need in (("--iters", iters, iters >= 1, ">= 1"),
@@ -149,7 +157,9 @@ def search(
                       fail_score, model=_model_label(model), dtype=str(torch_dtype(dtype)).removeprefix("torch."))
     journal = journal or default_journal_path(out_path)
     trace_path = default_trace_path(out_path)
-    check_output(out_path, overwrite or resume)
+    check_device(device)
+    check_output(out_path, overwrite or resume, PROFILE)
+    check_output(trace_path, overwrite or resume, TRACE)
     check_journal(journal, None, resume=resume, overwrite=overwrite)
     if warning:
         warn(warning)
