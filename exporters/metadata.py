@@ -90,13 +90,13 @@ class ArtifactMetadata:
                                 "metadata); bake one with `crdiff bake`")
         version = table.get(PREFIX + "format_version")
         if version != str(FORMAT_VERSION):
-            raise ArtifactError(f"{origin} is a crdiff artifact of format version {version}, this crdiff reads "
+            raise ArtifactError(f"{origin} is a crdiff artifact of format version {version!r}, this crdiff reads "
                                 f"version {FORMAT_VERSION}; re-bake it or upgrade crdiff")
         try:
             return cls._parse({k.removeprefix(PREFIX): v for k, v in table.items() if k.startswith(PREFIX)})
         except ArtifactError as exc:
             raise ArtifactError(f"{origin}: {exc}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, struct.error) as exc:  # struct: bits out of range
             raise ArtifactError(f"{origin} has damaged crdiff metadata ({type(exc).__name__}: {exc}); "
                                 "re-bake it") from None
 
