@@ -159,8 +159,8 @@ def search(
     trace_path = default_trace_path(out_path)
     check_device(device)
     check_output(out_path, overwrite or resume, PROFILE)
-    check_output(trace_path, overwrite or resume, TRACE)
     check_journal(journal, None, resume=resume, overwrite=overwrite)
+    check_output(trace_path, overwrite or resume, TRACE)
     if warning:
         warn(warning)
     _run(plan, scorer, journal, out_path, trace_path, resume=resume, overwrite=overwrite, masks=masks, dtype=dtype,
