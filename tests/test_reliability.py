@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from crdiff_cli.atomic import _machine_tag, clean_stale
 from crdiff_cli.cli import app
 
 CRDIFF = Path(sys.executable).parent / "crdiff"
@@ -293,6 +292,8 @@ def _dead_pid() -> int:
 
 
 def test_clean_stale_removes_only_crdiff_staging_of_dead_processes(tmp_path):
+    from crdiff_cli.atomic import _machine_tag, clean_stale
+
     tag = _machine_tag()
     dead, alive = _dead_pid(), os.getpid()
     stale = tmp_path / f".out.crdiff-tmp-{tag}-{dead}-abc"
