@@ -164,15 +164,14 @@ def write_errors(path: Path):
     except OSError as exc:
         if exc.errno not in _WRITE_ERRNOS:
             raise
-        raise CrdiffError(f"cannot write {path}: {(exc.strerror or str(exc)).lower()}; free some space or choose another "
-                          "--out (nothing was written)") from None
+        raise CrdiffError(f"cannot write {path}: {(exc.strerror or str(exc)).lower()}; free some space or choose "
+                          "another --out") from None
     except Exception as exc:
         text = str(exc).lower()
         reason = next((why for needle, why in _WRITE_ERROR_TEXT.items() if needle in text), None)
         if reason is None:
             raise
-        raise CrdiffError(f"cannot write {path}: {reason}; free some space or choose another --out "
-                          "(nothing was written)") from None
+        raise CrdiffError(f"cannot write {path}: {reason}; free some space or choose another --out") from None
 
 
 def current_umask() -> int:

@@ -174,6 +174,23 @@ def test_write_failures_of_any_writer_are_one_line(tiny_dirs, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_disk_filling_up_during_generate_is_one_line_and_keeps_finished_images(tiny_dirs, tmp_path, monkeypatch):
+    import crdiff_cli.generate as generate
+
+    real, calls = generate.save_png, []
+
+    def save_png(image, path, params):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(image, path, params)
+
+    monkeypatch.setattr(generate, "save_png", save_png)
+    one_line_error(invoke(*GENERATE, "--num-images", "2", "--out", tmp_path / "images"), "cannot write",
+                   "no space left")
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["0_0.png"]
+
+
 @pytest.mark.parametrize("device, message", [("gpu0", "is not a device"), ("cuda", "cannot use CUDA"),
                                              ("cuda:7", "CUDA")])
 @pytest.mark.parametrize("command", [GENERATE, SEARCH])

@@ -133,7 +133,9 @@ def generate(
         clear_image_folder(out_dir)
     set_scheduler(loaded.pipe, scheduler)
     per_image = denoising_calls(loaded.pipe, steps) * (2 if compare else 1)
-    with progress_bars() as bars:
+    from crdiff_cli.atomic import write_errors
+
+    with progress_bars() as bars, write_errors(out_dir):  # a disk filling up mid-run: one line, finished images kept
         images = bars.add_task("images", total=len(prompts) * len(seeds) * (2 if compare else 1))
         denoise = bars.add_task("steps", total=len(prompts) * len(seeds) * per_image)
         records = run(loaded.pipe, prompts, seeds, settings, out_dir, model_info=info, dual=dual, compare=compare,

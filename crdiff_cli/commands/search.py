@@ -197,8 +197,10 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
     check_journal(journal, plan.identity(), resume=resume, overwrite=overwrite)
     with err.status(f"loading {plan.model}"):
         loaded = load_model(plan.model, dtype=dtype, device=device)
+    from crdiff_cli.atomic import write_errors
+
     try:
-        with SearchView(err, plan.config.iters, plan.search_k) as view:
+        with SearchView(err, plan.config.iters, plan.search_k) as view, write_errors(journal):
             result = search(loaded, scorer, plan, journal=journal, resume=resume, overwrite=overwrite, masks=masks,
                             on_eval=view.update)
     except KeyboardInterrupt:
