@@ -90,7 +90,7 @@ class ArtifactMetadata:
                                 "metadata); bake one with `crdiff bake`")
         version = table.get(PREFIX + "format_version")
         if version != str(FORMAT_VERSION):
-            raise ArtifactError(f"{origin} is a crdiff artifact of format version {version!r}, this crdiff reads "
+            raise ArtifactError(f"{origin} is a crdiff artifact of format version {version}, this crdiff reads "
                                 f"version {FORMAT_VERSION}; re-bake it or upgrade crdiff")
         try:
             return cls._parse({k.removeprefix(PREFIX): v for k, v in table.items() if k.startswith(PREFIX)})
