@@ -10,15 +10,17 @@ from __future__ import annotations
 import typer
 
 from crdiff_cli import __version__
-from crdiff_cli.cli_shared import out
+from crdiff_cli.cli_shared import OneLineErrors, out
 from crdiff_cli.commands import bake, evaluate, generate, prune, search
 
+# Plain click help (rich_markup_mode=None): two columns, flags without a value shown as bare flags, readable
+# at 80 columns; Typer's rich panels spend half the width on empty columns and show flags as `<bool>`.
 app = typer.Typer(
-    name="crdiff", no_args_is_help=True, rich_markup_mode="rich", add_completion=False,
-    pretty_exceptions_show_locals=False,
-    help="CR-Diff for diffusers UNets: block-wise magnitude pruning ([bold]prune[/]), the paper's ratio "
-         "search ([bold]search[/]), dual-UNet artifacts ([bold]bake[/]), text-to-image ([bold]generate[/]) and the paper's evaluation protocol ([bold]evaluate[/]). "
-         "Resolutions are HEIGHTxWIDTH, as in the paper (400x560 is 400 high, 560 wide).")
+    name="crdiff", cls=OneLineErrors, no_args_is_help=True, rich_markup_mode=None, add_completion=False,
+    pretty_exceptions_show_locals=False, context_settings={"help_option_names": ["-h", "--help"]},
+    help="CR-Diff for diffusers UNets: block-wise magnitude pruning (prune), the paper's ratio search "
+         "(search), dual-UNet artifacts (bake), text-to-image (generate) and the paper's evaluation protocol "
+         "(evaluate). Resolutions are HEIGHTxWIDTH, as in the paper (400x560 is 400 high, 560 wide).")
 
 
 def _version(value: bool):

@@ -7,8 +7,11 @@ to register them, so the dependency runs one way: cli -> commands -> cli_shared.
 from __future__ import annotations
 
 import functools
+import inspect
+import sys
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
 
@@ -38,10 +41,14 @@ PROFILE_HELP = "A built-in profile (see `crdiff profiles`, e.g. sd15@400x560) or
 
 
 def command(fn):
-    """Run a command body, turning user errors into one line on stderr and exit code 2."""
+    """Run a command body, turning user errors into one line on stderr and exit code 2.
+
+    Every float flag is checked to be finite first (Typer accepts ``nan`` and ``inf``).
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _check_floats(fn, kwargs)
             return fn(*args, **kwargs)
         except CrdiffError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
@@ -63,7 +70,58 @@ def start_ranks(device: str):
         out.quiet = err.quiet = True
 
     return start(device, quiet=silence)
+def _check_floats(fn, kwargs: dict) -> None:
+    from crdiff_cli.validation import check_finite
+
+    for name, value in kwargs.items():
+        if isinstance(value, float):
+            check_finite(_flag(fn, name), value)
+
+
+def _flag(fn, name: str) -> str:
+    """The ``--long`` flag of parameter ``name`` (its Typer option's first long declaration)."""
+    decls = getattr(inspect.signature(fn).parameters[name].default, "param_decls", None) or ()
+    return next((d.split("/")[0] for d in decls if d.startswith("--")), "--" + name.replace("_", "-"))
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+
+
+class OneLineErrors(TyperGroup):
+    """The app's click group: a usage error (unknown flag, bad number) is one line and exit code 2.
+
+    Typer prints click's usage errors as a usage line, a hint and a 3-line box; crdiff's promise for
+    bad input is one line, ``error: <what>; <fix>``, wherever the error comes from.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's usage errors (Typer vendors click)
+            if not hasattr(exc, "format_message"):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `crdiff` alone: its message is the help
+                exc.show()
+            else:
+                err.print(f"[bold red]error:[/] {escape(usage_error_line(exc))}", highlight=False)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_error_line(exc) -> str:
+    """``<click's message>; see `crdiff COMMAND --help``` on one line."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    where = f"{ctx.command_path} --help" if ctx is not None else "crdiff --help"
+    return f"{message.rstrip('.')}; see `{where}`"

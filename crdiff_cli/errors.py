@@ -10,3 +10,8 @@ class CrdiffError(ValueError):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        # One line whatever the message quotes (a user's text, a library's multi-line error): line breaks
+        # are shown escaped, so the message never spills onto a second line.
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from crdiff_cli import __version__
+from crdiff_cli.atomic import staging_name
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.resolution import Resolution
 
@@ -33,6 +34,7 @@ SCHEDULERS = {
 # timesteps, so that their 1-4 steps start at the last training timestep.
 SCHEDULER_OPTIONS = {"euler-trailing": {"timestep_spacing": "trailing"}}
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "crdiff-images/1"  # marks a folder as a generate output (crdiff_cli.image_folder)
 
 
 @dataclass
@@ -47,6 +49,9 @@ class GenerationSettings:
     inputs: "ImageInputs | None" = None  # ControlNet / init image (crdiff_cli.conditioning); None: text only
 
     def __post_init__(self):
+        from crdiff_cli.validation import check_finite
+
+        check_finite("--guidance", self.guidance)
         if self.steps < 1:
             raise CrdiffError(f"--steps {self.steps} must be at least 1")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
@@ -171,8 +176,8 @@ def png_bytes(image, params: dict) -> bytes:
 
 
 def write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` atomically (temp name, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write ``data`` atomically (a marked staging name, then rename)."""
+    tmp = staging_name(path)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
@@ -216,9 +221,9 @@ def compare_grid(pairs: list[tuple[int, object, object]], title: str):
 
 
 def write_manifest(out_dir: Path, records: list[ImageRecord], run: dict) -> None:
-    tmp = out_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"run": run, "images": [asdict(r) for r in records]}, indent=2) + "\n",
-                   encoding="utf-8")
+    tmp = staging_name(out_dir / MANIFEST)
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "run": run, "images": [asdict(r) for r in records]},
+                              indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / MANIFEST)
 
 

@@ -35,6 +35,24 @@ def journal_format(kind: str) -> str:
 FORMAT = journal_format("search")
 
 
+def is_journal(path: Path, kind: str = "search") -> bool:
+    """Whether ``path`` is a crdiff journal of ``kind`` (of this or an older format): line 1 names the format
+    (or is that line, torn by a kill). Nothing else is ever modified as a journal."""
+    formats = {journal_format(kind), *(f for f in OLD_FORMATS if f.startswith(f"crdiff-{kind}-"))}
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+    except OSError:
+        return False
+    if not first.endswith(b"\n"):  # how open_journal writes line 1, torn
+        return any(first.startswith(b'{"format":"' + f.encode() + b'"') for f in formats)
+    try:
+        header = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(header, dict) and header.get("format") in formats
+
+
 def default_journal_path(profile: Path) -> Path:
     """``best.json`` -> ``best.journal.jsonl`` in the same folder."""
     return profile.with_name(f"{profile.stem}.journal.jsonl")
@@ -70,8 +88,11 @@ def check_identity(path: Path, header: dict, identity: dict, kind: str = "search
     """Refuse to resume a journal written by a search with a different definition."""
     theirs, identity = _flat(header.get("identity", {})), _flat(identity)
     differ = sorted(k for k in set(theirs) | set(identity) if theirs.get(k) != identity.get(k))
+    if "prompts_sha256" in differ:  # a hash says nothing to a person: name the difference instead
+        differ = ["the prompts differ"] + [k for k in differ if k not in ("prompts", "prompts_sha256")]
     if differ:
-        shown = "; ".join(f"{k}: journal {_short(theirs.get(k))} vs now {_short(identity.get(k))}" for k in differ[:3])
+        shown = "; ".join(k if k == "the prompts differ" else
+                          f"{k}: journal {_short(theirs.get(k))} vs now {_short(identity.get(k))}" for k in differ[:3])
         raise CrdiffError(f"journal {path} belongs to a different {kind} ({shown}); resume with the same "
                           f"settings, or start a new {kind} with another {'--journal' if kind == 'search' else '--out'} "
                           "or --overwrite")
@@ -104,6 +125,11 @@ def check_journal(path: Path, identity: dict | None, *, resume: bool, overwrite:
         raise CrdiffError("--resume and --overwrite contradict each other; pass only one")
     if not path.parent.is_dir():
         raise CrdiffError(f"the folder {path.parent} for journal {path.name} does not exist; create it first")
+    if (path.exists() or path.is_symlink()) and not (path.is_file() and is_journal(path, kind)):
+        what = "an empty file" if path.is_file() and path.stat().st_size == 0 else "a folder" if path.is_dir() \
+            else f"not a crdiff {kind} journal"
+        raise CrdiffError(f"{path} is {what} (line 1 of a journal names \"{journal_format(kind)}\"); crdiff "
+                          "never modifies it: pass another " + ("--journal" if kind == "search" else "--out"))
     if not resume:
         if path.exists() and not overwrite:
             raise CrdiffError(f"journal {path} already exists; continue that {kind} with --resume, or start "

@@ -18,6 +18,9 @@ from crdiff_cli.tiny import TINY_MODELS, tiny_model_path
 FAMILIES = ("sd15", "sd21", "sdxl", "unknown")
 PRUNE_RECORD = "crdiff_prune.json"  # written by `crdiff prune`; remembers the family of a pruned folder
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Top-level module names of a diffusers UNet2DConditionModel state dict (a UNet-only checkpoint).
+_UNET_TOP_LEVEL = {"conv_in", "time_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "conv_out",
+                   "add_embedding", "class_embedding", "encoder_hid_proj", "time_proj"}
 
 
 @dataclass
@@ -138,14 +141,24 @@ def _from_single_file(path: Path, dtype: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors import safe_open
 
+    if path.suffix == ".onnx":
+        raise CrdiffError(f"{path} is an ONNX file, not a model: if it is a crdiff artifact, pass it as --artifact "
+                          "and its base model as --model")
     if path.suffix != ".safetensors":
         raise CrdiffError(f"{path}: only .safetensors single-file checkpoints are loaded (pickled .ckpt files "
                           "can run code); convert it to safetensors first")
     try:
         with safe_open(str(path), "pt") as f:
             keys = list(f.keys())
+            metadata = f.metadata() or {}
     except Exception as exc:
         raise CrdiffError(f"{path} is not a readable safetensors file ({_first_line(exc)}); re-download it") from None
+    if "crdiff.format" in metadata:
+        raise CrdiffError(f"{path} is a crdiff artifact (a baked dual UNet), not a whole model: pass it as "
+                          "--artifact and the base model it was baked from as --model")
+    if keys and all(k.split(".")[0] in _UNET_TOP_LEVEL for k in keys):
+        raise CrdiffError(f"{path} holds only a UNet (diffusers names, no VAE or text encoder): pass the whole "
+                          "pipeline as --model (a crdiff artifact goes to --artifact)")
     sdxl = any(k.startswith("conditioner.embedders.1.") for k in keys)
     cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     try:
@@ -169,6 +182,11 @@ def _from_hub(model_id: str, dtype: str):
                           f"`hf download {model_id}` on a connected machine, or pass a local folder") from None
 
 
-def _first_line(exc: Exception) -> str:
+def _first_line(exc: Exception, limit: int = 200) -> str:
+    """The first line of an exception's message, shortened at a word boundary (with an ellipsis)."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+    line = text[0] if text else type(exc).__name__
+    if len(line) <= limit:
+        return line
+    cut = line[:limit].rsplit(" ", 1)[0] if " " in line[:limit] else line[:limit]
+    return cut.rstrip(" ,;:") + "..."

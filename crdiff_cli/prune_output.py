@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crdiff_cli.atomic import atomic_path
+from crdiff_cli.atomic import OutputKind, atomic_path, json_marker
 from crdiff_cli.models import PRUNE_RECORD, LoadedModel
 from crdiff_cli.prune_spec import PruneSpec, prune_
 
 RECORD_FORMAT = "crdiff-prune/1"
+PRUNED = OutputKind("pruned model folder", PRUNE_RECORD, lambda path: json_marker(path / PRUNE_RECORD, "crdiff-prune/"),
+                    folder=True)
 
 
 def prune_record(loaded: LoadedModel, spec: PruneSpec, origin: str, resolution: str | None,
@@ -25,7 +27,7 @@ def write_pruned(loaded: LoadedModel, spec: PruneSpec, out: Path, *, origin: str
     """Prune ``loaded``'s UNet in place and save it (whole pipeline, or just the UNet) to ``out`` atomically."""
     prune_(loaded.unet, spec)
     record = prune_record(loaded, spec, origin, resolution, loras)
-    with atomic_path(out, overwrite, directory=True) as tmp:
+    with atomic_path(out, overwrite, kind=PRUNED, directory=True) as tmp:
         target = loaded.unet if unet_only else loaded.pipe
         target.save_pretrained(tmp, safe_serialization=True)
         (Path(tmp) / PRUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

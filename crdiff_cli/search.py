@@ -355,15 +355,17 @@ def default_trace_path(profile: Path) -> Path:
 def save_result(result: SearchResult, profile_path: Path, trace_path: Path | None = None) -> Profile:
     """Write the result's profile (named after the file) and its trace PNG, each atomically, replacing old ones."""
     from crdiff_cli.atomic import atomic_path
-    from crdiff_cli.trace_plot import trace_image
+    from crdiff_cli.profile_table import PROFILE
+    from crdiff_cli.trace_plot import TRACE, save_trace
 
     profile_path = Path(profile_path)
     profile = result.profile(profile_path.stem)
-    with atomic_path(profile_path, overwrite=True) as tmp:
+    with atomic_path(profile_path, overwrite=True, kind=PROFILE) as tmp:
         tmp.write_text(json.dumps(profile.to_dict(), indent=2) + "\n", encoding="utf-8")
     if trace_path is not None:
         plan = result.plan
-        title = f"crdiff search {plan.model} @ {plan.settings.resolution} (HxW), {plan.scorer}: best {result.ratios}"
-        with atomic_path(Path(trace_path), overwrite=True) as tmp:
-            trace_image(result.history, title).save(tmp, format="PNG")
+        title = (f"crdiff search: model {plan.model} at {plan.settings.resolution} (HxW), scorer {plan.scorer}; "
+                 f"best ratios {result.ratios}")
+        with atomic_path(Path(trace_path), overwrite=True, kind=TRACE) as tmp:
+            save_trace(result.history, title, tmp)
     return profile

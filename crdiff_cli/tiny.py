@@ -11,8 +11,6 @@ They are for tests and demos: their images are noise-like by construction.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 TINY_MODELS = {"tiny": "sd15", "tiny-sdxl": "sdxl"}
@@ -28,18 +26,19 @@ def cache_dir() -> Path:
 
 def tiny_model_path(name: str) -> Path:
     """The diffusers folder of tiny model ``name``, building it on first use (atomically)."""
+    from crdiff_cli.atomic import clean_stale, share, staging
+
     target = cache_dir() / "tiny" / f"{name}-{_VERSION}"
     if not (target / "model_index.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        try:
+        clean_stale(target.parent)
+        with staging(target) as tmp:
             build_tiny_pipeline(name).save_pretrained(tmp, safe_serialization=True)
+            share(tmp)  # a shared cache (another account, a Docker build user) must be able to read it
             try:
                 tmp.rename(target)
             except OSError:  # built concurrently by another process: keep theirs
                 pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

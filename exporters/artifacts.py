@@ -47,6 +47,28 @@ def output_files(path: Path) -> list[Path]:
     return [path, data_path(path)] if format_of(path) == "onnx" else [path]
 
 
+def check_outputs(path: Path, overwrite: bool) -> None:
+    """:func:`~crdiff_cli.atomic.check_output` for every file of an artifact at ``path``.
+
+    ``--overwrite`` replaces only a crdiff artifact (its metadata says so); the ONNX sidecar
+    ``NAME.onnx.data`` counts as crdiff's when ``NAME.onnx`` is.
+    """
+    from crdiff_cli.atomic import OutputKind, check_output
+
+    def is_artifact(_file: Path) -> bool:
+        try:
+            read_metadata(path)
+        except CrdiffError:
+            return False
+        return True
+
+    main, *sidecars = output_files(path)
+    check_output(main, overwrite, OutputKind("crdiff artifact", "crdiff.format in its metadata", is_artifact))
+    for sidecar in sidecars:
+        check_output(sidecar, overwrite, OutputKind("crdiff artifact's external weights",
+                                                    f"crdiff artifact {main.name} beside it", is_artifact))
+
+
 def read_metadata(path: Path) -> ArtifactMetadata:
     """The metadata of the artifact at ``path`` (headers only; the weights are not loaded)."""
     path = Path(path)

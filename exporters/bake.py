@@ -1,6 +1,7 @@
 """Baking: export an artifact, validate it against the live dual UNet, and only then let it appear.
 
-Everything is written into a hidden staging folder beside the output (``.<name>.tmp-*``), verified
+Everything is written into a hidden staging folder beside the output (``.<name>.crdiff-tmp-*``; one left by a
+killed process is removed by the next run in that folder), verified
 there by loading it as a consumer would, and only then renamed into place: the external data file
 first, the ``.onnx`` (or ``.safetensors``) last, so a visible artifact is always complete. A failed
 verification, an error or Ctrl-C removes the staging folder and leaves no artifact behind.
@@ -9,16 +10,14 @@ verification, an error or Ctrl-C removes the staging folder and leaves no artifa
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from crdiff_cli.atomic import check_output
+from crdiff_cli.atomic import share, staging
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.exporters.artifacts import format_of, output_files
+from crdiff_cli.exporters.artifacts import check_outputs, format_of, output_files
 from crdiff_cli.exporters.metadata import ArtifactMetadata
 from crdiff_cli.exporters.onnx_artifact import DEFAULT_OPSET
 from crdiff_cli.exporters.validate import (TOLERANCES, VerificationError, VerificationReport, unet_call,
@@ -60,8 +59,7 @@ def bake(unet, spec: PruneSpec, *, k: float, resolution: Resolution, family: str
     out = Path(out)
     fmt = format_of(out)
     files = output_files(out)
-    for path in files:
-        check_output(path, overwrite)
+    check_outputs(out, overwrite)
     if spec.dtype not in TOLERANCES:
         raise CrdiffError(f"artifacts are baked in float32 or float16, not {spec.dtype}; load the model as fp32 or fp16")
     stage = on_stage or (lambda name: None)
@@ -143,17 +141,12 @@ def _check_round_trip(read: ArtifactMetadata, written: ArtifactMetadata) -> None
 @contextmanager
 def _staged(out: Path, files: list[Path]):
     """A staging folder beside ``out``; on success its files replace ``files``, sidecars first."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield staging
+    with staging(out) as folder:
+        yield folder
         for path in reversed(files):  # the main file (first in ``files``) lands last
-            staged = staging / path.name
+            staged = folder / path.name
             if staged.exists():
-                os.chmod(staged, 0o666 & ~umask)  # writers create some files 0600; artifacts are for sharing
+                share(staged)  # writers create some files 0600; artifacts are for sharing
                 os.replace(staged, path)
             elif path.exists():  # a previous artifact's sidecar that this one does not use
                 path.unlink()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -96,7 +96,7 @@ class ArtifactMetadata:
             return cls._parse({k.removeprefix(PREFIX): v for k, v in table.items() if k.startswith(PREFIX)})
         except ArtifactError as exc:
             raise ArtifactError(f"{origin}: {exc}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, struct.error) as exc:  # struct: bits out of range
             raise ArtifactError(f"{origin} has damaged crdiff metadata ({type(exc).__name__}: {exc}); "
                                 "re-bake it") from None
 

@@ -12,6 +12,7 @@ models; they are streamed into that single file, 4 KiB-aligned, without loading 
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ MIN_OPSET = 14  # scaled_dot_product_attention needs 14
 MAX_OPSET = 20  # the TorchScript exporter's limit; NVIDIA saw GroupNorm at opset 21 fail on TensorRT 10.7
 INLINE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, less headroom for the graph itself
 ALIGNMENT = 4096  # external tensors start on page boundaries, so runtimes may memory-map them
+DATA_SHA256, DATA_BYTES = "crdiff.external_data_sha256", "crdiff.external_data_bytes"  # integrity of NAME.onnx.data
 
 
 def data_path(path: Path) -> Path:
@@ -67,20 +69,24 @@ def export_onnx(unet, meta: ArtifactMetadata, path: Path, *, opset: int = DEFAUL
         if exported_external and external_data is False:
             raise CrdiffError("this UNet's weights exceed protobuf's 2 GiB: they must go to an external data file")
         if exported_external or external_data or (external_data is None and model.ByteSize() > INLINE_LIMIT):
-            _write_external(model.graph.initializer, scratch, data_path(path))
+            digest, size = _write_external(model.graph.initializer, scratch, data_path(path))
+            model.metadata_props.add(key=DATA_SHA256, value=digest)
+            model.metadata_props.add(key=DATA_BYTES, value=str(size))
         onnx.save_model(model, str(path))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _write_external(tensors, scratch: Path, target: Path) -> None:
+def _write_external(tensors, scratch: Path, target: Path) -> tuple[str, int]:
     """Move every initializer's bytes into ``target`` (aligned) and point the tensors at it.
 
     Bytes come from the exporter's one-file-per-tensor external data (large models) or from the
     tensor itself (``raw_data``); tensors in neither (none from the TorchScript exporter) stay inline.
+    Returns the file's SHA-256 and size, recorded in the graph's metadata for :func:`check_external_data`.
     """
     import onnx
 
+    digest = hashlib.sha256()
     with open(target, "wb") as out:
         for tensor in tensors:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -93,13 +99,43 @@ def _write_external(tensors, scratch: Path, target: Path) -> None:
             else:
                 continue
             offset = out.tell() + (-out.tell() % ALIGNMENT)
-            out.write(b"\0" * (offset - out.tell()))
-            out.write(data)
+            for chunk in (b"\0" * (offset - out.tell()), data):
+                out.write(chunk)
+                digest.update(chunk)
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
             del tensor.external_data[:]
             for key, value in (("location", target.name), ("offset", str(offset)), ("length", str(len(data)))):
                 tensor.external_data.add(key=key, value=value)
+        size = out.tell()
+    return digest.hexdigest(), size
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse an artifact whose external weights file differs from the SHA-256 recorded at bake time.
+
+    Hashing gigabytes takes seconds, so a verified digest is cached (:mod:`crdiff_cli.digest_cache`)
+    under the file's size and modification time: an untouched file is checked by ``stat`` alone.
+    Artifacts baked before the digest was recorded, and inline ones, have nothing to check here.
+    """
+    import onnx
+
+    from crdiff_cli.digest_cache import file_sha256
+
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    if DATA_SHA256 not in props:
+        return
+    data = data_path(Path(path))
+    if not data.is_file():
+        raise ArtifactError(f"{path} keeps its weights in {data.name}, which is missing; copy it beside the .onnx")
+    size = data.stat().st_size
+    if str(size) != props.get(DATA_BYTES):
+        raise ArtifactError(f"{data} has {size:,} bytes, but {props.get(DATA_BYTES)} were baked; the file is "
+                            "truncated or replaced: copy or bake it again")
+    if file_sha256(data) != props[DATA_SHA256]:
+        raise ArtifactError(f"the weights in {data} do not match the SHA-256 recorded in {Path(path).name}; the "
+                            "file is corrupt: copy or bake it again")
 
 
 def check_opset(opset: int) -> None:

@@ -58,7 +58,10 @@ def open_session(path: Path, *, provider: str | None = None, fold_masks: bool = 
     """An ``InferenceSession`` on ``path``; load failures become one :class:`ArtifactError` line."""
     import onnxruntime as ort
 
+    from crdiff_cli.exporters.onnx_artifact import check_external_data
+
     providers = choose_providers(provider)
+    check_external_data(path)
     try:
         return ort.InferenceSession(str(path), session_options(fold_masks, threads), providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types

@@ -21,6 +21,14 @@ _SESSION_CACHE = Path(tempfile.mkdtemp(prefix="crdiff-test-cache-"))
 os.environ["CRDIFF_CACHE"] = str(_SESSION_CACHE)
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property tests (tests/test_fuzz_parsers.py): a short budget in CI; CRDIFF_FUZZ=long for a long run
+# (docs/testing.md), with CRDIFF_FUZZ_EXAMPLES examples per test.
+settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=int(os.environ.get("CRDIFF_FUZZ_EXAMPLES", "20000")), deadline=None,
+                          suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("CRDIFF_FUZZ", "ci"))
 
 TINY_NAMES = ("tiny", "tiny-sdxl")
 

@@ -271,7 +271,13 @@ def test_existing_outputs_are_refused_unless_overwrite(tmp_path, load_tiny):
     loaded = load_tiny("tiny")
     modules = [(name, type(m)) for name, m in loaded.unet.named_modules()]
     spec = PruneSpec.from_unet(loaded.unet, RATIOS)
-    data_path(tmp_path / "a.onnx").write_text("old sidecar")
+    data_path(tmp_path / "a.onnx").write_text("a sidecar without its crdiff artifact: not ours")
+    with pytest.raises(CrdiffError, match="not a crdiff artifact's external weights written by crdiff"):
+        bake(loaded.unet, spec, k=K, resolution=RES, family="sd15", out=tmp_path / "a.onnx", verify=False,
+             overwrite=True)
+    data_path(tmp_path / "a.onnx").unlink()
+    bake(loaded.unet, spec, k=K, resolution=RES, family="sd15", out=tmp_path / "a.onnx", verify=False)
+    data_path(tmp_path / "a.onnx").write_text("old sidecar")  # beside crdiff's artifact: counts as its own
     with pytest.raises(CrdiffError, match="already exists"):
         bake(loaded.unet, spec, k=K, resolution=RES, family="sd15", out=tmp_path / "a.onnx", verify=False)
     result = bake(loaded.unet, spec, k=K, resolution=RES, family="sd15", out=tmp_path / "a.onnx", verify=False,

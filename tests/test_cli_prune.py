@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from crdiff_cli.atomic import OutputKind
 from crdiff_cli.cli import app
 from crdiff_cli.profile_table import get_profile
 from crdiff_cli.prune_spec import PruneSpec, prune_
@@ -149,11 +150,12 @@ def test_prune_nearest_profile_warns(tmp_path, load_tiny):
 
 def test_prune_overwrite_replaces_output(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir()  # a previous prune: crdiff_prune.json marks the folder as crdiff's
+    (out / "crdiff_prune.json").write_text('{"format": "crdiff-prune/1"}')
     (out / "old-file.txt").write_text("keep me unless --overwrite")
     result = invoke("prune", "--model", "tiny", "--ratios", "0.1/0.1/0.1", "--out", str(out))
     assert result.exit_code == 2 and "already exists" in result.stderr and "--overwrite" in result.stderr
-    assert [p.name for p in out.iterdir()] == ["old-file.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["crdiff_prune.json", "old-file.txt"]
 
     result = invoke("prune", "--model", "tiny", "--ratios", "0.1/0.1/0.1", "--out", str(out), "--overwrite")
     assert result.exit_code == 0, result.output
@@ -162,39 +164,56 @@ def test_prune_overwrite_replaces_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporaries or old copies left
 
 
-def test_prune_overwrite_replaces_a_file(tmp_path):
+def test_prune_overwrite_refuses_a_file(tmp_path):
     out = tmp_path / "out"
     out.write_text("a file where the folder should go")
     result = invoke("prune", "--model", "tiny", "--ratios", "0.1/0.1/0.1", "--unet-only", "--out", str(out),
                     "--overwrite")
-    assert result.exit_code == 0, result.output
-    assert out.is_dir() and {p.name for p in out.iterdir()} == UNET_FILES | {"crdiff_prune.json"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert result.exit_code == 2 and "is not a folder" in result.stderr
+    assert out.read_text() == "a file where the folder should go"
 
 
-@pytest.mark.parametrize("old_kind", ["file", "folder", "symlink-to-folder", "missing"])
-@pytest.mark.parametrize("directory", [True, False], ids=["new-folder", "new-file"])
-def test_atomic_path_replaces_any_old_output(tmp_path, old_kind, directory):
+ANYTHING = {directory: OutputKind("test output", "nothing", lambda path: True, folder=directory)
+            for directory in (True, False)}
+
+
+@pytest.mark.parametrize("old_kind, directory", [("file", False), ("folder", True), ("missing", True),
+                                                 ("missing", False), ("empty-folder", True)])
+def test_atomic_path_replaces_an_old_output(tmp_path, old_kind, directory):
     from crdiff_cli.atomic import atomic_path
 
-    target, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    (elsewhere / "keep.txt").write_text("not ours to delete")
+    target = tmp_path / "out"
     if old_kind == "file":
         target.write_text("old")
-    elif old_kind == "folder":
+    elif old_kind.endswith("folder"):
         target.mkdir()
-        (target / "old.txt").write_text("old")
-    elif old_kind == "symlink-to-folder":
-        target.symlink_to(elsewhere, target_is_directory=True)
-    with atomic_path(target, overwrite=True, directory=directory) as tmp:
+        if old_kind == "folder":
+            (target / "old.txt").write_text("old")
+    with atomic_path(target, overwrite=True, kind=ANYTHING[directory], directory=directory) as tmp:
         assert tmp.parent == tmp_path and tmp != target
         if directory:
             (tmp / "new.txt").write_text("new")
         else:
             tmp.write_text("new")
-    assert not target.is_symlink()
     assert (target / "new.txt" if directory else target).read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("old_kind", ["symlink-to-folder", "file-for-a-folder"])
+def test_atomic_path_refuses_another_shape(tmp_path, old_kind):
+    from crdiff_cli.atomic import atomic_path
+    from crdiff_cli.errors import CrdiffError
+
+    target, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not ours to delete")
+    if old_kind == "symlink-to-folder":
+        target.symlink_to(elsewhere, target_is_directory=True)
+    else:
+        target.write_text("old")
+    with pytest.raises(CrdiffError, match="choose another --out"):
+        with atomic_path(target, overwrite=True, kind=ANYTHING[True], directory=True):
+            pass
     assert (elsewhere / "keep.txt").read_text() == "not ours to delete"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "out"]
 
@@ -206,7 +225,7 @@ def test_atomic_path_failure_keeps_old_output(tmp_path):
     target.mkdir()
     (target / "old.txt").write_text("old")
     with pytest.raises(RuntimeError):
-        with atomic_path(target, overwrite=True, directory=True) as tmp:
+        with atomic_path(target, overwrite=True, kind=ANYTHING[True], directory=True) as tmp:
             (tmp / "half.txt").write_text("half-written")
             raise RuntimeError("interrupted")
     assert [p.name for p in target.iterdir()] == ["old.txt"]

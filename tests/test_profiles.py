@@ -92,7 +92,8 @@ def test_profile_file_round_trip(tmp_path):
 @pytest.mark.parametrize("content, words", [
     ("{not json", "not readable JSON"),
     (json.dumps({"name": "x"}), "not a crdiff profile"),
-    (json.dumps({"format": FORMAT, "name": "x", "family": "sd15", "resolution": "400x560"}), "malformed"),
+    (json.dumps({"format": FORMAT, "name": "x", "family": "sd15", "resolution": "400x560"}), "lacks the 'ratios' field"),
+    (json.dumps([{"format": FORMAT}]), "not a crdiff profile"),
     (json.dumps({"format": FORMAT, "name": "x", "family": "sd15", "resolution": "401x560",
                  "ratios": {"down": 0.1, "mid": 0.1, "up": 0.1}}), "malformed"),
     (json.dumps({"format": FORMAT, "name": "x", "family": "sd15", "resolution": "400x560",
@@ -153,7 +154,7 @@ def test_choose_ratios_precedence():
     # --profile beats the --res profile
     choice = choose_ratios("sd15", ratios=None, profile="sd15@768x768", resolution=res)
     assert choice.ratios == Ratios(0.185, 0.445, 0.100) and choice.profile.name == "sd15@768x768"
-    assert choice.warning is None
+    assert choice.warning == "profile sd15@768x768 was made for 768x768 (HxW), not --res 400x560"
     # a profile of another family warns; an unknown family does not
     choice = choose_ratios("sd15", ratios=None, profile="sdxl@400x560", resolution=None)
     assert choice.ratios == Ratios(0.482, 0.396, 0.469) and "sdxl" in choice.warning and "sd15" in choice.warning

@@ -135,7 +135,7 @@ def test_missing_prompts_file_and_journal_mismatch(tiny_dirs, tmp_path):
     missing = invoke("search", *BASE, "--prompts", tmp_path / "none.txt", "--out", tmp_path / "p.json")
     assert missing.exit_code == 2 and "does not exist" in missing.stderr
     assert invoke("search", *BASE, "--prompt", "a cube", "--iters", "1", "--out", tmp_path / "p.json").exit_code == 0
-    for change, key in ((["--prompt", "a sphere"], "prompts_sha256"), (["--prompt", "a cube", "--res", "64x56"],
+    for change, key in ((["--prompt", "a sphere"], "the prompts differ"), (["--prompt", "a cube", "--res", "64x56"],
                         "resolution"), (["--prompt", "a cube", "--model", "tiny-sdxl"], "model")):
         args = ["search", *BASE, "--iters", "1", "--out", tmp_path / "p.json", "--resume", *change]
         result = invoke(*args)

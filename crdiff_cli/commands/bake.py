@@ -38,13 +38,11 @@ def bake(
     on the live PyTorch path. .onnx: one graph computing e_dense + k (e_pruned - e_dense), the pruned
     weights masked in-graph from the shared ones. Exit code 1 if verification fails, 2 for bad input.
     """
-    from crdiff_cli.atomic import check_output
-    from crdiff_cli.exporters.artifacts import format_of, output_files, require_onnx
+    from crdiff_cli.exporters.artifacts import check_outputs, format_of, require_onnx
     from crdiff_cli.exporters.onnx_artifact import check_opset
     from crdiff_cli.generate import check_k
     from crdiff_cli.lora import fuse_loras, prepare_loras
-    from crdiff_cli.profile_table import get_profile
-    from crdiff_cli.ratios import Ratios
+    from crdiff_cli.profile_table import check_ratio_source
     from crdiff_cli.resolution import Resolution
 
     resolution = Resolution.parse(res)
@@ -54,13 +52,9 @@ def bake(
     if kind == "onnx":
         require_onnx()
         check_opset(opset)
-    if ratios is not None:
-        Ratios.parse(ratios)
-    if profile is not None and ratios is None:
-        get_profile(profile)
+    check_ratio_source(ratios=ratios, profile=profile, resolution=resolution)
     warning = check_k(k)
-    for path in output_files(out_path):
-        check_output(path, overwrite)
+    check_outputs(out_path, overwrite)
     loras = prepare_loras(lora, model)
     if warning:
         warn(warning)

@@ -9,7 +9,7 @@ import typer
 
 from crdiff_cli.cli_shared import (CONTROL_IMAGE_HELP, CONTROL_SCALE_HELP, CONTROLNET_HELP, GUIDANCE_HELP,
                                    INIT_IMAGE_HELP, LORA_HELP, MASK_IMAGE_HELP, MODEL_HELP, PROFILE_HELP, RATIOS_HELP,
-                                   RES_HELP, SCHEDULER_HELP, STRENGTH_HELP, command, err, out, start_ranks, warn)
+                                   RES_HELP, SCHEDULER_HELP, STRENGTH_HELP, command, err, out, plural, start_ranks, warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -19,7 +19,8 @@ def generate(
                               "supplies text encoders, tokenizers, VAE and scheduler."),
     res: Optional[str] = typer.Option(None, "--res", help=RES_HELP + " Required, except with --artifact (default: "
                                       "the artifact's)."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.json (created if missing)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.json (created if missing; "
+                                 "an existing one must be empty, or a previous generate output with --overwrite)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A UTF-8 file, one prompt per line (# comments)."),
     k: Optional[float] = typer.Option(None, "--k", help="POA coefficient: e = e_dense + k (e_pruned - e_dense). 0 = "
@@ -58,6 +59,8 @@ def generate(
     init_image: Optional[Path] = typer.Option(None, "--init-image", help=INIT_IMAGE_HELP),
     strength: Optional[float] = typer.Option(None, "--strength", help=STRENGTH_HELP),
     mask_image: Optional[Path] = typer.Option(None, "--mask-image", help=MASK_IMAGE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous crdiff generate output in --out "
+                                   "(a folder holding anything else is refused)."),
 ):
     """Text-to-image with CR-Diff (dense + pruned UNet combined by POA) on the live PyTorch path.
 
@@ -72,25 +75,26 @@ def generate(
     --rdzv-id ID. N ranks make close to N times the images per hour: the images are dealt out in rounds
     of one per rank, so a round waits for its slowest GPU (docs/distributed.md).
     """
+    from crdiff_cli.atomic import check_output
     from crdiff_cli.conditioning import ImageInputs
     from crdiff_cli.dual_unet import MASK_MODES
     from crdiff_cli.generate import GenerationSettings, check_k, read_prompts
+    from crdiff_cli.image_folder import IMAGES
     from crdiff_cli.lora import fuse_loras, prepare_loras
     from crdiff_cli.models import torch_dtype
-    from crdiff_cli.profile_table import get_profile
+    from crdiff_cli.profile_table import check_ratio_source, get_profile
     from crdiff_cli.ratios import Ratios
     from crdiff_cli.resolution import Resolution
+    from crdiff_cli.validation import check_device, check_prompt
 
     meta = _artifact_metadata(artifact, res, provider, ort_fold_masks)
     resolution = Resolution.parse(res) if res is not None else meta.resolution
     if (prompt is None) == (prompts_file is None):
         raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
-    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompts(prompts_file)
+    check_prompt("--negative-prompt", negative_prompt)
     warning = check_k(k) if k is not None else None
-    if ratios is not None:
-        Ratios.parse(ratios)
-    elif profile is not None:
-        get_profile(profile)
+    check_ratio_source(ratios=ratios, profile=profile, resolution=resolution)
     if masks not in MASK_MODES:
         raise CrdiffError(f"--masks {masks!r} is not a mask mode; use one of {', '.join(MASK_MODES)}")
     wanted = None  # ratios asked for explicitly (an artifact brings its own)
@@ -112,8 +116,8 @@ def generate(
     settings = GenerationSettings(resolution, steps, guidance, negative_prompt, scheduler,
                                   inputs if inputs.active else None)
     torch_dtype(dtype)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CrdiffError(f"--out {out_dir} is a file; pass a folder")
+    check_device(device)
+    check_output(out_dir, overwrite, IMAGES)
     loras = prepare_loras(lora, model)
     if warning:
         warn(warning)
@@ -149,9 +153,15 @@ def generate(
         dual = attach_dual(loaded, spec, k, masks)
         info.update(crdiff_info(choice, spec, k, masks))
     seeds = list(range(seed, seed + num_images))
+    if out_dir.is_dir():  # empty, or a previous output that --overwrite replaces (check_output made sure)
+        from crdiff_cli.image_folder import clear_image_folder
+
+        ranks.on_main(lambda: clear_image_folder(out_dir))  # files live on rank 0's machine
     set_scheduler(loaded.pipe, scheduler)
     per_image = inputs.denoising_calls(loaded.pipe, steps) * (2 if compare else 1)
-    with progress_bars() as bars:
+    from crdiff_cli.atomic import write_errors
+
+    with progress_bars() as bars, write_errors(out_dir):  # a disk filling up mid-run: one line, finished images kept
         images = bars.add_task("images", total=len(prompts) * len(seeds) * (2 if compare else 1))
         # under torchrun the images bar counts every rank's images; steps are per rank, so no steps bar
         denoise = None if ranks.distributed else bars.add_task("steps", total=len(prompts) * len(seeds) * per_image)
@@ -161,7 +171,7 @@ def generate(
     what = "dense" if dense else f"CR-Diff k={info['k']:g}, ratios {info['ratios']}"
     if meta is not None:
         what += f", from {artifact}" + (f" on {info['provider']}" if "provider" in info else "")
-    out.print(f"wrote {len(records)} images ({what}, {resolution} HxW, {steps} steps) to {out_dir}")
+    out.print(f"wrote {plural(len(records), 'image')} ({what}, {resolution} HxW, {steps} steps) to {out_dir}")
 
 
 def _artifact_metadata(artifact: Optional[Path], res: Optional[str], provider: Optional[str], fold_masks: bool):

@@ -34,19 +34,15 @@ def prune(
     from crdiff_cli.atomic import check_output
     from crdiff_cli.lora import fuse_loras, prepare_loras
     from crdiff_cli.models import load_model, torch_dtype
-    from crdiff_cli.profile_table import choose_ratios
-    from crdiff_cli.ratios import Ratios
+    from crdiff_cli.profile_table import check_ratio_source, choose_ratios
+    from crdiff_cli.prune_output import PRUNED
     from crdiff_cli.render import spec_table
     from crdiff_cli.resolution import Resolution
 
     resolution = Resolution.parse(res) if res is not None else None
-    if ratios is not None:
-        Ratios.parse(ratios)
-    if profile is not None and ratios is None:
-        from crdiff_cli.profile_table import get_profile
-        get_profile(profile)
+    check_ratio_source(ratios=ratios, profile=profile, resolution=resolution)
     torch_dtype(dtype)
-    check_output(out_dir, overwrite)
+    check_output(out_dir, overwrite, PRUNED)
     loras = prepare_loras(lora, model)
 
     from crdiff_cli.prune_output import write_pruned

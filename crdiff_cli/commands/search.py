@@ -44,6 +44,10 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         seeds = tuple(int(x) for x in text.split(","))
     except ValueError:
         raise CrdiffError(f"--image-seeds {text!r} must be comma-separated integers, e.g. 24432 or 1,2,3") from None
+    from crdiff_cli.validation import check_seed
+
+    for seed in seeds:
+        check_seed("--image-seeds", seed)
     if len(set(seeds)) != len(seeds):
         raise CrdiffError(f"--image-seeds {text!r} repeats a seed; each (prompt, seed) image is scored once")
     return seeds
@@ -122,14 +126,18 @@ def search(
     from crdiff_cli.journal import check_journal, default_journal_path
     from crdiff_cli.lora import prepare_loras
     from crdiff_cli.models import torch_dtype
+    from crdiff_cli.profile_table import PROFILE
     from crdiff_cli.resolution import Resolution
     from crdiff_cli.scorers import known_scorers
     from crdiff_cli.search import DEFAULT_K_START, SearchPlan, default_trace_path, k_search_config
+    from crdiff_cli.trace_plot import TRACE
+    from crdiff_cli.validation import check_device, check_prompt
 
     resolution = Resolution.parse(res)
     if (prompt is None) == (prompts_file is None):
         raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
-    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompts(prompts_file)
+    check_prompt("--negative-prompt", negative_prompt)
     lo_hi = parse_bounds(bounds, "--bounds", ratio=True)
     seeds = parse_init(init, lo_hi)
     for flag, value, ok, need in (("--iters", iters, iters >= 1, ">= 1"),
@@ -161,9 +169,11 @@ def search(
                       fail_score, model=label, dtype=str(torch_dtype(dtype)).removeprefix("torch."))
     journal = journal or default_journal_path(out_path)
     trace_path = default_trace_path(out_path)
+    check_device(device)
     ranks = start_ranks(device)
-    ranks.on_main(lambda: (check_output(out_path, overwrite or resume),  # files live on rank 0's machine
-                           check_journal(journal, None, resume=resume, overwrite=overwrite)))
+    ranks.on_main(lambda: (check_output(out_path, overwrite or resume, PROFILE),  # files live on rank 0's machine
+                           check_journal(journal, None, resume=resume, overwrite=overwrite),
+                           check_output(trace_path, overwrite or resume, TRACE)))
     if warning:
         warn(warning)
     _run(plan, scorer, journal, out_path, trace_path, resume=resume, overwrite=overwrite, masks=masks, dtype=dtype,
@@ -203,8 +213,10 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
     with err.status(f"loading {plan.model}"):
         loaded = load_model(model, dtype=dtype, device=ranks.device(device))
         fuse_loras(loaded.pipe, loras)
+    from crdiff_cli.atomic import write_errors
+
     try:
-        with SearchView(err, plan.config.iters, plan.search_k) as view:
+        with SearchView(err, plan.config.iters, plan.search_k) as view, write_errors(journal):
             result = search(loaded, scorer, plan, journal=journal, resume=resume, overwrite=overwrite, masks=masks,
                             on_eval=view.update, ranks=ranks)
     except KeyboardInterrupt:
