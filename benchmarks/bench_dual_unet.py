@@ -39,6 +39,7 @@ import ctypes
 import gc
 import os
 import platform
+import resource
 import statistics
 import time
 
@@ -99,8 +100,13 @@ def mask_all(spec, unet) -> None:
                 pruned_weight(w, thresholds[group])
 
 
-def measure_time(unet, spec, inputs, repeats: int) -> tuple[dict[str, list[tuple[float, float]]], dict]:
-    """(wall, CPU) seconds per variant, and each variant's last output (for the checks).
+def minor_faults() -> int:
+    """Minor page faults of this process so far (fresh memory touched: the allocator's cost shows here)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def measure_time(unet, spec, inputs, repeats: int) -> tuple[dict[str, list[tuple[float, float]]], dict, dict]:
+    """(wall, CPU) seconds per variant, each variant's last output (for the checks), minor faults per call.
 
     Plain dense runs come first and last (to see drift). In between, one block per mask mode: the
     DualUNet stays attached, as in real use (built once, called every step), is warmed up once, and
@@ -109,11 +115,13 @@ def measure_time(unet, spec, inputs, repeats: int) -> tuple[dict[str, list[tuple
     """
     times: dict[str, list[tuple[float, float]]] = {}
     outputs: dict[str, object] = {}
+    page_faults: dict[str, list[int]] = {}
 
     def timed(name, fn):
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu, faults = time.perf_counter(), time.process_time(), minor_faults()
         outputs[name] = fn(*inputs)
         times.setdefault(name, []).append((time.perf_counter() - wall, time.process_time() - cpu))
+        page_faults.setdefault(name, []).append(minor_faults() - faults)
 
     with torch.inference_mode():
         unet(*inputs)  # warm-up: oneDNN primitives, allocator
@@ -132,7 +140,7 @@ def measure_time(unet, spec, inputs, repeats: int) -> tuple[dict[str, list[tuple
             dual.release()
         for _ in range(repeats):
             timed("dense", unet)
-    return times, outputs
+    return times, outputs, page_faults
 
 
 def main() -> None:
@@ -162,7 +170,7 @@ def main() -> None:
 
     memory = measure_memory(unet, spec)
     started = time.perf_counter()
-    times, outputs = measure_time(unet, spec, inputs, args.repeats)
+    times, outputs, page_faults = measure_time(unet, spec, inputs, args.repeats)
     elapsed = time.perf_counter() - started
 
     print(f"$ {command}")
@@ -186,15 +194,17 @@ def main() -> None:
     ref = {name: f"{name.split(':')[0]}: dense pass" if name.split(":")[0] in MASK_MODES else "dense" for name in times}
     step = {m: median[m] / median[ref[m]] for m in MASK_MODES}
     print(f"\n| one denoising step: UNet call, batch 2 (CFG), {args.latent}x{args.latent} latent, fp32 | "
-          "wall runs (s) | median | vs dense | best | vs dense | CPU time, median | vs dense | target |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+          "wall runs (s) | median | vs dense | best | vs dense | CPU time, median | vs dense | minor faults, median "
+          "| target |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, runs in times.items():
         label = {"dense": "dense UNet (plain, before and after)", "masking": "on-the-fly masking of all targets, once",
                  **{m: f"DualUNet masks={m}, k={K}" for m in MASK_MODES}}.get(name, f"DualUNet masks={name}")
         r = ref[name]
         print(f"| {label} | {', '.join(f'{t:.2f}' for t, _ in runs)} | {median[name]:.2f} s | "
               f"{median[name] / median[r]:.2f}x | {best[name]:.2f} s | {best[name] / best[r]:.2f}x | "
-              f"{cpu[name]:.2f} s | {cpu[name] / cpu[r]:.2f}x | {'<= 2.05x' if name in MASK_MODES else ''} |")
+              f"{cpu[name]:.2f} s | {cpu[name] / cpu[r]:.2f}x | {statistics.median(page_faults[name]):,.0f} | "
+              f"{'<= 2.05x' if name in MASK_MODES else ''} |")
     print("(vs dense: a mask mode's rows against its own block's dense pass, the others against the plain UNet)")
 
     ratios = {row["name"]: row["ratio"] for row in memory}
