@@ -14,7 +14,9 @@ time, CPU time, minor page faults and peak RSS from ``os.wait4``. Each variant r
 the difference divided by the difference in steps is the cost of one step, so start-up, loading,
 pruning, text encoding and the VAE cancel. Repetitions interleave the variants (their order rotates);
 a variant's ratio to ``--dense`` is taken within each repetition and the median over repetitions is
-reported, with the load average before each run. Threads: ``OMP_NUM_THREADS`` in the child's
+reported, with the load average before each run. The targets are checked on CPU time, which waiting
+for a core does not inflate (on a quiet machine wall and CPU ratios agree; on a shared one only the
+CPU ratio means anything). Threads: ``OMP_NUM_THREADS`` in the child's
 environment, as a user would set it (torch's own default here is 2, the number of cores).
 
 Usage: python benchmarks/bench_generate_process.py [--latents 8 32] [--threads 1 2] [--steps 2 10]
@@ -115,8 +117,8 @@ def report(latent: int, threads: int, results: dict[str, list[dict]], repeats: i
               f"{statistics.median(r['faults'] for r in runs):,.0f} | {max(r['rss'] for r in runs) / 2**30:.2f} GiB | "
               f"{f'<= {target}x' if target else ''} |")
         if target:
-            checks.append((f"{latent}x{latent}, {threads} thread(s): {name} {wall:.2f}x wall (CPU {cpu:.2f}x) "
-                           f"<= {target}x", wall <= target))
+            text = f"{latent}x{latent}, {threads} thread(s): {name} {cpu:.2f}x CPU (wall {wall:.2f}x) <= {target}x"
+            checks.append((text, cpu <= target))
     return checks
 
 
