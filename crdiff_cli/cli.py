@@ -45,4 +45,7 @@ app.command("profiles")(prune.profiles_cmd)
 
 
 def main() -> None:
+    from crdiff_cli.malloc_tuning import reuse_large_blocks
+
+    reuse_large_blocks()  # before torch allocates anything: see malloc_tuning (CPU speed of every UNet call)
     app(prog_name="crdiff")

@@ -8,6 +8,7 @@ Memory claims are checked on tensor identity (data pointers), not on sizes alone
 from __future__ import annotations
 
 import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -229,6 +230,24 @@ def test_resident_bytes(tiny_dirs, name):
     assert resident_bytes(dual) / dense <= 1 + target_bytes / dense
     dual.release()
     assert resident_bytes(DualUNet(loaded.unet, spec, masks="on-the-fly")) == dense
+
+
+def test_masked_copies_live_in_one_buffer_that_release_frees(tiny_dirs):
+    """Copy mode makes one allocation for all masked copies (so they do not scatter among the activations)."""
+    loaded = load_model("tiny")
+    targets = [p for ws in target_weights(loaded.unet).values() for _, p in ws]
+    dual = DualUNet(loaded.unet, PruneSpec.from_unet(loaded.unet, Ratios.parse(RATIOS)), masks="copy")
+    slots = [b for n, b in loaded.unet.named_buffers() if ".parametrizations." in n]
+    assert len(slots) == len(targets)
+    assert len({s.untyped_storage().data_ptr() for s in slots}) == 1
+    assert all(s.data_ptr() % 64 == 0 for s in slots)  # every copy as aligned as a fresh tensor
+    starts = sorted((s.data_ptr(), s.numel() * s.element_size()) for s in slots)
+    assert all(a + n <= b for (a, n), (b, _) in zip(starts, starts[1:]))  # no two copies overlap
+    buffer = weakref.ref(slots[0]._base)
+    del slots
+    dual.release()
+    gc.collect()
+    assert buffer() is None
 
 
 def test_release_restores_a_plain_unet(tiny_dirs):

@@ -100,8 +100,10 @@ def search(
                                 "model, resolution, prompts, scorer and settings required)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over: replace an existing journal, profile "
                                    "and trace."),
-    masks: str = typer.Option("copy", "--masks", help="Pruned weights: 'copy' (masked copies, fastest) or "
-                              "'on-the-fly' (no extra memory, slower)."),
+    masks: str = typer.Option("copy", "--masks", help="Pruned weights: 'copy' (masked copies in one buffer, "
+                              "re-masked in place per candidate: +23% of an SD1.5 UNet's weights, fastest) or "
+                              "'on-the-fly' (no extra memory; masks every target in each pruned pass: slower where "
+                              "steps are short). Same scores either way."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ... (model and scorer)."),
     lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP + " Part of the journal's identity."),

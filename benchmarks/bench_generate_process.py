@@ -1,0 +1,158 @@
+"""Benchmark: `crdiff generate` as users run it, whole process, on the real SD1.5 UNet architecture.
+
+Issue 13's targets: per denoising step, CR-Diff (k = 1.5, default mask mode) costs <= 2.05x ``--dense``
+(two UNet passes are the floor) and ``--k 0 --ratios ...`` (the dual UNet built, only its dense pass
+run) <= 1.05x ``--dense``, at 8x8 and 32x32 latents (64x64 and 256x256 images) with 1 and 2 threads.
+
+The model is the diffusers folder that ``bench_search.py`` writes once (SD1.5 UNet architecture with
+``torch.manual_seed(0)`` random weights, the SD VAE architecture, a 2-layer CLIP text encoder of SD1.5's
+width and crdiff's byte-level tokenizer): ``crdiff generate --model FOLDER`` loads it as any local model.
+
+How it is measured: each run is a fresh ``crdiff`` process (the console script of this environment,
+nothing pinned: the process sets up its allocator as every user's does), timed from spawn to exit: wall
+time, CPU time, minor page faults and peak RSS from ``os.wait4``. Each variant runs at two step counts;
+the difference divided by the difference in steps is the cost of one step, so start-up, loading,
+pruning, text encoding and the VAE cancel. Repetitions interleave the variants (their order rotates);
+a variant's ratio to ``--dense`` is taken within each repetition and the median over repetitions is
+reported, with the load average before each run. The targets are checked on CPU time, which waiting
+for a core does not inflate (on a quiet machine wall and CPU ratios agree; on a shared one only the
+CPU ratio means anything). Threads: ``OMP_NUM_THREADS`` in the child's
+environment, as a user would set it (torch's own default here is 2, the number of cores).
+
+Usage: python benchmarks/bench_generate_process.py [--latents 8 32] [--threads 1 2] [--steps 2 10]
+       [--repeats 3] [--variants dense k0 crdiff crdiff-on-the-fly k0-on-the-fly] [--glibc-defaults]
+Runtime on 2 quiet cores: about 1 minute per run at 8x8 and 1 thread, 10 steps; many minutes per
+configuration at 32x32 (a 32x32 CR-Diff step is ~6 s on one thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RATIOS = "0.433/0.345/0.3"  # profile sd15@512x512
+PROMPT = "a photograph of an astronaut riding a horse"
+VARIANTS = {
+    "dense": ["--dense"],
+    "k0": ["--k", "0", "--ratios", RATIOS],
+    "crdiff": ["--ratios", RATIOS],
+    "k0-on-the-fly": ["--k", "0", "--ratios", RATIOS, "--masks", "on-the-fly"],
+    "crdiff-on-the-fly": ["--ratios", RATIOS, "--masks", "on-the-fly"],
+}
+TARGETS = {"k0": 1.05, "crdiff": 2.05, "k0-on-the-fly": 1.05, "crdiff-on-the-fly": 2.05}
+# GLIBC_TUNABLES set to glibc's own default makes crdiff leave malloc alone (crdiff_cli.malloc_tuning):
+# the process then allocates as it did before crdiff tuned it.
+GLIBC_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"}
+
+
+def crdiff_command() -> list[str]:
+    """The ``crdiff`` console script installed next to this interpreter (what users run)."""
+    script = Path(sys.executable).with_name("crdiff")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "crdiff_cli"]
+
+
+def run_once(pipe_dir: Path, latent: int, threads: int, steps: int, flags: list[str], extra_env: dict) -> dict:
+    """One ``crdiff generate`` process: wall s, CPU s, minor faults, peak RSS bytes, load before."""
+    out = Path(tempfile.mkdtemp(prefix="crdiff-bench-"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", **extra_env}
+    cmd = [*crdiff_command(), "generate", "--model", str(pipe_dir), "--res", f"{8 * latent}x{8 * latent}",
+           "--prompt", PROMPT, "--steps", str(steps), "--seed", "0", "--out", str(out), *flags]
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    shutil.rmtree(out, ignore_errors=True)
+    if child.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({child.returncode}):\n{stderr.decode()[-2000:]}")
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "faults": usage.ru_minflt,
+            "rss": usage.ru_maxrss * 1024, "load": load}
+
+
+def per_step(short: dict, long: dict, steps: tuple[int, int]) -> dict:
+    """Cost of one step: the difference between two step counts over the difference in steps."""
+    n = steps[1] - steps[0]
+    return {key: (long[key] - short[key]) / n for key in ("wall", "cpu", "faults")} | {
+        "rss": max(short["rss"], long["rss"]), "load": (short["load"], long["load"])}
+
+
+def measure(pipe_dir, latent, threads, steps, variants, repeats, extra_env) -> dict[str, list[dict]]:
+    """Per variant, one per-step record per repetition; variants interleaved, order rotated each repetition."""
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    for rep in range(repeats):
+        order = variants[rep % len(variants):] + variants[: rep % len(variants)]
+        for name in order:
+            runs = [run_once(pipe_dir, latent, threads, s, VARIANTS[name], extra_env) for s in steps]
+            results[name].append(per_step(*runs, steps))
+            print(f"  rep {rep + 1} {name}: {results[name][-1]['wall']:.2f} s/step wall, "
+                  f"{results[name][-1]['cpu']:.2f} s/step CPU, load {runs[0]['load']:.1f}", file=sys.stderr, flush=True)
+    return results
+
+
+def report(latent: int, threads: int, results: dict[str, list[dict]], repeats: int) -> list[tuple[str, bool]]:
+    """Print one markdown table; return the target checks."""
+    dense = results["dense"]
+    loads = [x for runs in results.values() for r in runs for x in r["load"]]
+    print(f"\n{latent}x{latent} latent ({8 * latent}x{8 * latent} px), {threads} thread(s), {repeats} repetitions, "
+          f"load average {min(loads):.1f}-{max(loads):.1f} before the runs")
+    print("\n| variant | wall per step, median | vs --dense (median of per-repetition ratios) | CPU per step, median "
+          "| vs --dense | minor faults per step | peak RSS | target |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    checks = []
+    for name, runs in results.items():
+        wall = statistics.median(r["wall"] / d["wall"] for r, d in zip(runs, dense))
+        cpu = statistics.median(r["cpu"] / d["cpu"] for r, d in zip(runs, dense))
+        target = TARGETS.get(name)
+        print(f"| `{' '.join(VARIANTS[name])}` | {statistics.median(r['wall'] for r in runs):.2f} s | {wall:.2f}x | "
+              f"{statistics.median(r['cpu'] for r in runs):.2f} s | {cpu:.2f}x | "
+              f"{statistics.median(r['faults'] for r in runs):,.0f} | {max(r['rss'] for r in runs) / 2**30:.2f} GiB | "
+              f"{f'<= {target}x' if target else ''} |")
+        if target:
+            text = f"{latent}x{latent}, {threads} thread(s): {name} {cpu:.2f}x CPU (wall {wall:.2f}x) <= {target}x"
+            checks.append((text, cpu <= target))
+    return checks
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--latents", type=int, nargs="+", default=[8, 32], help="latent sides (image = 8x)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, nargs=2, default=[2, 10], help="the two step counts")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", nargs="+", default=["dense", "k0", "crdiff"], choices=list(VARIANTS))
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="run crdiff with glibc malloc's defaults (as before malloc tuning), for comparison")
+    p.add_argument("--workdir", type=Path, default=Path(os.environ.get("CRDIFF_CACHE", Path.home() / ".cache/crdiff"))
+                   / "bench-search")
+    args = p.parse_args()
+    if "dense" not in args.variants:
+        args.variants.insert(0, "dense")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_search import build_pipeline
+
+    pipe_dir = build_pipeline(args.workdir)
+    print("$ python benchmarks/bench_generate_process.py " + " ".join(sys.argv[1:]))
+    print(f"crdiff: {' '.join(crdiff_command())}; {os.cpu_count()} CPU cores; steps {args.steps[0]} and "
+          f"{args.steps[1]}; glibc malloc {'at its defaults' if args.glibc_defaults else 'as crdiff sets it'}")
+    checks = []
+    for latent in args.latents:
+        for threads in args.threads:
+            results = measure(pipe_dir, latent, threads, tuple(args.steps), args.variants, args.repeats,
+                              GLIBC_DEFAULTS if args.glibc_defaults else {})
+            checks += report(latent, threads, results, args.repeats)
+    print()
+    for text, passed in checks:
+        print(f"{'PASS' if passed else 'FAIL'}: {text}")
+
+
+if __name__ == "__main__":
+    main()
