@@ -337,5 +337,5 @@ def test_onnx_with_missing_external_data_gives_one_clear_error(tmp_path, load_ti
     _, _, result = baked(load_tiny, tmp_path, "tiny", ".onnx", external_data=True, verify=False)
     truncated(data_path(result.path), data_path(result.path), 0.5)
     assert read_metadata(result.path).k == K  # the metadata is in the .onnx itself
-    with pytest.raises(ArtifactError, match="ONNX Runtime cannot load .*truncated or corrupt"):
-        open_session(result.path)
+    with pytest.raises(ArtifactError, match="has [0-9,]+ bytes, but [0-9]+ were baked; the file is truncated"):
+        open_session(result.path)  # the recorded size catches it before ONNX Runtime reads the file

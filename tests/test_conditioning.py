@@ -243,7 +243,7 @@ def bad_case(tmp_path: Path, files, case: str) -> tuple[list, str]:
                               files["control"]], "not a ControlNetModel"),
         "strength 0": (["--init-image", files["init"], "--strength", "0"], "(0, 1]"),
         "strength above 1": (["--init-image", files["init"], "--strength", "1.5"], "(0, 1]"),
-        "strength nan": (["--init-image", files["init"], "--strength", "nan"], "(0, 1]"),
+        "strength nan": (["--init-image", files["init"], "--strength", "nan"], "--strength nan: must be a finite number"),
         "strength without init image": (["--strength", "0.5"], "need --init-image"),
         "mask without init image": (["--mask-image", files["mask"]], "need --init-image"),
         "unreadable init image": (["--init-image", text], "not a readable image"),

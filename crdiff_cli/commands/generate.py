@@ -155,10 +155,10 @@ def generate(
         dual = attach_dual(loaded, spec, k, masks)
         info.update(crdiff_info(choice, spec, k, masks))
     seeds = list(range(seed, seed + num_images))
-    if out_dir.is_dir():  # empty, or a previous output that --overwrite replaces (check_output made sure)
-        from crdiff_cli.image_folder import clear_image_folder
+    from crdiff_cli.image_folder import clear_image_folder
 
-        ranks.on_main(lambda: clear_image_folder(out_dir))  # files live on rank 0's machine
+    # empty, or a previous output that --overwrite replaces (check_output made sure); on rank 0, which writes
+    ranks.on_main(lambda: out_dir.is_dir() and clear_image_folder(out_dir))
     set_scheduler(loaded.pipe, scheduler)
     per_image = inputs.denoising_calls(loaded.pipe, steps) * (2 if compare else 1)
     from crdiff_cli.atomic import write_errors
