@@ -201,3 +201,87 @@ def test_a_killed_rank_stops_the_search_in_one_line_and_resume_completes_it(tiny
     assert resumed.returncode == 0, resumed.stderr
     assert comparable(read_journal(journal)[1]) == comparable(entries)
     assert json.loads((tmp_path / "best.json").read_text()) == profile
+
+
+# --- evaluate under torchrun --------------------------------------------------------------------------
+
+EVALUATE = ["evaluate", "--model", "tiny", "--res", "32x32", "--steps", "1", "--metrics", "tiny", "-n", "2",
+            "--batch-size", "2", "--seed", "3"]
+EVALUATE_FILES = ("scores.jsonl", "results.csv", "results.json", "paired.csv")
+
+
+def evaluate_args(folder: Path, out: Path) -> list:
+    (folder / "prompts.txt").write_text("a red cube\na lighthouse at night\na green apple\n")
+    return [*EVALUATE, "--prompts", folder / "prompts.txt", "--out", out]
+
+
+def evaluation_files(out: Path) -> dict[str, bytes]:
+    """Every image and the results files of an evaluation, by path (report.html's inline charts included)."""
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "images").rglob("*.png"))}
+    return {**files, **{name: (out / name).read_bytes() for name in (*EVALUATE_FILES, "report.html")}}
+
+
+@pytest.fixture(scope="module")
+def single_evaluation(tiny_dirs, tmp_path_factory) -> dict[str, bytes]:
+    """The single-process evaluation every torchrun evaluation here must reproduce, by path: 3 variants x
+    3 prompts x 2 seeds = 18 images in 9 batches of 2 (5 rounds of 2 ranks, the last with one batch)."""
+    folder = tmp_path_factory.mktemp("single-evaluate")
+    run = single(tiny_dirs, *evaluate_args(folder, folder / "out"))
+    assert run.returncode == 0, run.stderr
+    return evaluation_files(folder / "out")
+
+
+def test_evaluate_under_torchrun_writes_the_files_of_one_process(tiny_dirs, tmp_path, single_evaluation):
+    run = torchrun(tiny_dirs, *evaluate_args(tmp_path, tmp_path / "out"))
+    assert run.returncode == 0, run.stderr
+    files = evaluation_files(tmp_path / "out")
+    assert len([name for name in files if name.endswith(".png")]) == 18
+    # images, scores.jsonl (the same lines in the same order), results, paired comparisons: byte for byte
+    assert files.keys() == single_evaluation.keys()
+    for name in files:
+        assert files[name] == single_evaluation[name], name
+    # one progress bar and one summary from rank 0 only
+    assert run.stdout.count("wrote 18 images") == 1 and run.stderr.count("images") == 1
+
+
+def test_evaluate_resumes_a_single_process_run_with_two_ranks(tiny_dirs, tmp_path, single_evaluation):
+    """A one-process run stopped after 4 of its 9 batches (as a kill leaves it: the next batch's images
+    written, its records not), resumed by 2 ranks: the files of an uninterrupted run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = single_evaluation["scores.jsonl"].splitlines(keepends=True)
+    (out / "scores.jsonl").write_bytes(b"".join(lines[:1 + 4 * 2]))  # header + 4 batches of 2 images x 1 metric
+    for name, data in single_evaluation.items():
+        if name.endswith(".png") and "/crdiff/" not in name:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(data)
+    run = torchrun(tiny_dirs, *evaluate_args(tmp_path, out), "--resume")
+    assert run.returncode == 0, run.stderr
+    assert evaluation_files(out) == single_evaluation
+
+
+def test_a_killed_rank_stops_the_evaluation_in_one_line_and_one_process_resumes_it(tiny_dirs, tmp_path,
+                                                                                   single_evaluation):
+    out = tmp_path / "out"
+    args = evaluate_args(tmp_path, out)
+    scores = out / "scores.jsonl"
+    proc = subprocess.Popen(torchrun_cmd("-m", "crdiff_cli", *args), env=env(tiny_dirs), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (scores.exists() and scores.read_bytes().count(b"\n") >= 1 + 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "the evaluation ended or stalled before the kill"
+        time.sleep(0.01)
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode != 0 and not (out / "results.csv").exists()
+    errors = [line for line in crdiff_lines(stderr) if line.startswith("error:")]
+    assert len(errors) == 1, stderr  # one line, from rank 0
+    assert "add --resume to continue" in errors[0] and ("lost contact" in errors[0] or "stopped" in errors[0])
+    assert "rank      : 1" in stderr and "SIGKILL" in stderr  # torchrun's summary names the rank and the cause
+    durable = scores.read_bytes().splitlines(keepends=True)
+    expected = single_evaluation["scores.jsonl"].splitlines(keepends=True)
+    assert 3 <= len(durable) < len(expected) and durable == expected[:len(durable)]
+
+    resumed = single(tiny_dirs, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert evaluation_files(out) == single_evaluation
