@@ -176,23 +176,31 @@ def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under torchrun")
 
 
+def kill_rank_1(tiny_dirs, args, journal: Path, lines: int) -> None:
+    """Run the command ``args`` under torchrun and SIGKILL rank 1 (as the kernel's OOM killer would) once
+    ``journal`` has ``lines`` lines; the run must stop with one error line from rank 0 saying how to resume,
+    and torchrun's summary must name the rank and the signal."""
+    proc = subprocess.Popen(torchrun_cmd("-m", "crdiff_cli", *args), env=env(tiny_dirs), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (journal.exists() and journal.read_bytes().count(b"\n") >= lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before the kill"
+        time.sleep(0.01)
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    _, stderr = proc.communicate()
+    assert proc.returncode != 0
+    errors = [line for line in crdiff_lines(stderr) if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert "add --resume to continue" in errors[0] and ("lost contact" in errors[0] or "stopped" in errors[0])
+    assert "rank      : 1" in stderr and "SIGKILL" in stderr
+
+
 def test_a_killed_rank_stops_the_search_in_one_line_and_resume_completes_it(tiny_dirs, tmp_path, single_search):
     (tmp_path / "prompts.txt").write_text("a red cube\na lighthouse at night\n")
     args = [*SEARCH, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "best.json"]
     journal = tmp_path / "best.journal.jsonl"
-    proc = subprocess.Popen(torchrun_cmd("-m", "crdiff_cli", *args), env=env(tiny_dirs), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while not (journal.exists() and journal.read_bytes().count(b"\n") >= 1 + 3):
-        assert proc.poll() is None and time.monotonic() < deadline, "the search ended or stalled before the kill"
-        time.sleep(0.01)
-    os.kill(rank_pid(proc, 1), signal.SIGKILL)  # as the kernel's OOM killer would
-    stdout, stderr = proc.communicate()
-    assert proc.returncode != 0 and not (tmp_path / "best.json").exists()
-    errors = [line for line in crdiff_lines(stderr) if line.startswith("error:")]
-    assert len(errors) == 1, stderr  # one line, from rank 0
-    assert "add --resume to continue" in errors[0] and ("lost contact" in errors[0] or "stopped" in errors[0])
-    assert "rank      : 1" in stderr and "SIGKILL" in stderr  # torchrun's summary names the rank and the cause
+    kill_rank_1(tiny_dirs, args, journal, 1 + 3)
+    assert not (tmp_path / "best.json").exists()
     durable = read_journal(journal)[1]
     profile, entries = single_search
     assert 3 <= len(durable) < 8 and comparable(durable) == comparable(entries[:len(durable)])
@@ -265,19 +273,8 @@ def test_a_killed_rank_stops_the_evaluation_in_one_line_and_one_process_resumes_
     out = tmp_path / "out"
     args = evaluate_args(tmp_path, out)
     scores = out / "scores.jsonl"
-    proc = subprocess.Popen(torchrun_cmd("-m", "crdiff_cli", *args), env=env(tiny_dirs), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while not (scores.exists() and scores.read_bytes().count(b"\n") >= 1 + 2):
-        assert proc.poll() is None and time.monotonic() < deadline, "the evaluation ended or stalled before the kill"
-        time.sleep(0.01)
-    os.kill(rank_pid(proc, 1), signal.SIGKILL)
-    stdout, stderr = proc.communicate()
-    assert proc.returncode != 0 and not (out / "results.csv").exists()
-    errors = [line for line in crdiff_lines(stderr) if line.startswith("error:")]
-    assert len(errors) == 1, stderr  # one line, from rank 0
-    assert "add --resume to continue" in errors[0] and ("lost contact" in errors[0] or "stopped" in errors[0])
-    assert "rank      : 1" in stderr and "SIGKILL" in stderr  # torchrun's summary names the rank and the cause
+    kill_rank_1(tiny_dirs, args, scores, 1 + 2)  # header and the first batch
+    assert not (out / "results.csv").exists()
     durable = scores.read_bytes().splitlines(keepends=True)
     expected = single_evaluation["scores.jsonl"].splitlines(keepends=True)
     assert 3 <= len(durable) < len(expected) and durable == expected[:len(durable)]
