@@ -1,7 +1,7 @@
-"""Benchmark: `crdiff generate` and `crdiff search` under torchrun, 2 ranks vs 1, on the SD1.5 UNet architecture.
+"""Benchmark: `crdiff generate`, `evaluate` and `search` under torchrun, 2 ranks vs 1, on the SD1.5 UNet architecture.
 
 Targets (issue 9): with 2 ranks of 1 thread each against 1 rank of 1 thread, >= 1.8x images per hour
-(generate) and >= 1.8x evaluations per hour (search); communication and coordination <= 1% of an
+(generate, evaluate) and >= 1.8x evaluations per hour (search); communication and coordination <= 1% of an
 evaluation's time.
 
 Whole-process runs of the commands themselves, as users run them (OMP_NUM_THREADS=1 for both sides;
@@ -13,6 +13,8 @@ run) does not count:
 
 * generate: images per hour from the PNG files' modification times, first file to last (rank 0 writes
   one round of 2 images at a time under torchrun, 1 image at a time in one process);
+* evaluate: the same for `crdiff evaluate --variants crdiff --metrics tiny --batch-size 1` (one batch of
+  one image per rank per round; scores.jsonl appended by rank 0), files and scores.jsonl compared;
 * search: evaluations per hour from the journal (each step's wall time on rank 0, ``seconds.total``),
   scored with the ``tiny`` scorer (scoring runs on rank 0 and is ~1% of an evaluation with a real
   reward model on a GPU at 512x512; see docs/distributed.md);
@@ -21,7 +23,7 @@ run) does not count:
   evaluation's time.
 
 Usage: python benchmarks/bench_distributed.py [--res 128x128] [--steps 4] [--images 8] [--iters 3] [--prompts 2]
-       [--only generate|search]
+       [--only generate|evaluate|search]
 Runtime on 2 free CPU cores: ~10 minutes, plus the model build the first time. Results: docs/benchmarks.md.
 """
 
@@ -86,10 +88,22 @@ def run(cmd: list[str]) -> float:
 def generate(args, ranks: int, out: Path) -> dict:
     wall = run([*launch(ranks), "generate", "--model", str(args.pipe), "--res", args.res, "--steps", str(args.steps),
                 "--prompt", PROMPTS[0], "-n", str(args.images), "--ratios", RATIOS, "--out", str(out)])
-    times = sorted(p.stat().st_mtime for p in out.glob("0_*.png"))
+    return {"wall_s": wall, **steady_rate(list(out.glob("0_*.png")), ranks)}
+
+
+def evaluate(args, ranks: int, out: Path) -> dict:
+    wall = run([*launch(ranks), "evaluate", "--model", str(args.pipe), "--res", args.res, "--steps", str(args.steps),
+                "--prompt", PROMPTS[0], "-n", str(args.images), "--variants", "crdiff", "--ratios", RATIOS,
+                "--metrics", "tiny", "--out", str(out)])
+    return {"wall_s": wall, **steady_rate(list(out.rglob("*.png")), ranks)}
+
+
+def steady_rate(images: list[Path], ranks: int) -> dict:
+    """Images per hour from the files' modification times, from the end of the first round to the last."""
+    times = sorted(p.stat().st_mtime for p in images)
     first_round = ranks  # the first round's files are written together: start the clock there
     per_hour = 3600 * (len(times) - first_round) / (times[-1] - times[first_round - 1])
-    return {"wall_s": wall, "images": len(times), "images_per_hour": per_hour}
+    return {"images": len(times), "images_per_hour": per_hour}
 
 
 def search(args, ranks: int, folder: Path) -> dict:
@@ -124,10 +138,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--res", default="128x128", help="HEIGHTxWIDTH")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--images", type=int, default=8, help="images of the generate runs")
+    p.add_argument("--images", type=int, default=8, help="images of the generate and evaluate runs")
     p.add_argument("--iters", type=int, default=3, help="search iterations")
     p.add_argument("--prompts", type=int, choices=(1, 2), default=2, help="search prompts (x 2 image seeds)")
-    p.add_argument("--only", choices=("generate", "search"), help="run one of the two parts")
+    p.add_argument("--only", choices=("generate", "evaluate", "search"), help="run one of the three parts")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("CRDIFF_CACHE", Path.home() / ".cache/crdiff"))
                    / "bench-search")
     args = p.parse_args()
@@ -137,24 +151,31 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.only != "search":
+        if args.only in (None, "generate"):
             gen = {r: generate(args, r, tmp / f"gen{r}") for r in (1, 2)}
             same = all((tmp / "gen1" / f.name).read_bytes() == f.read_bytes() for f in (tmp / "gen2").iterdir())
             print(f"load average after generate: {os.getloadavg()}")
-        if args.only != "generate":
+        if args.only in (None, "evaluate"):
+            ev = {r: evaluate(args, r, tmp / f"eval{r}") for r in (1, 2)}
+            ev_same = all((tmp / "eval1" / f.relative_to(tmp / "eval2")).read_bytes() == f.read_bytes()
+                          for f in (tmp / "eval2").rglob("*") if f.is_file())
+            print(f"load average after evaluate: {os.getloadavg()}")
+        if args.only in (None, "search"):
             for r in (1, 2):
                 (tmp / f"search{r}").mkdir()
             found = {r: search(args, r, tmp / f"search{r}") for r in (1, 2)}
             comm = exchange(args, 2 * args.prompts)
             print(f"load average after search: {os.getloadavg()}")
-    if args.only != "search":
-        report_generate(args, gen, same)
-    if args.only != "generate":
+    if args.only in (None, "generate"):
+        report_images("generate", args, gen, same)
+    if args.only in (None, "evaluate"):
+        report_images("evaluate", args, ev, ev_same)
+    if args.only in (None, "search"):
         report_search(args, found, comm)
 
 
-def report_generate(args, gen: dict, same: bool) -> None:
-    print(f"\ngenerate ({args.res} HxW, {args.steps} steps, CR-Diff k=1.5, {args.images} images; whole runs):")
+def report_images(command: str, args, gen: dict, same: bool) -> None:
+    print(f"\n{command} ({args.res} HxW, {args.steps} steps, CR-Diff k=1.5, {args.images} images; whole runs):")
     for r, g in gen.items():
         print(f"  {r} rank(s): {g['images_per_hour']:.0f} images/hour (wall {g['wall_s']:.0f} s with loading)")
     print(f"  speed-up {gen[2]['images_per_hour'] / gen[1]['images_per_hour']:.2f}x (target >= 1.8x); "

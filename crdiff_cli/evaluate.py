@@ -1,14 +1,17 @@
 """`crdiff evaluate`: the paper's Table 7 / Table 8 protocol (dense, pruned, CR-Diff) on the user's model.
 
-Structure (so the item list can later be split across ranks, results gathered on one):
+Structure (the batches are split across ranks under torchrun, results gathered on rank 0):
 
 1. :func:`work_items` — the deterministic, ordered list of :class:`WorkItem` (resolution, variant,
    prompt index, seed); :func:`batches` cuts it into fixed batches (never across a resolution or variant),
    so a batch holds the same images whatever was already done.
-2. :meth:`Evaluation.produce` — generates one batch (the `crdiff generate` code), writes its PNGs
-   atomically and scores them with every per-image metric; returns the score records.
+2. :meth:`Evaluation.produce` — generates one batch (the `crdiff generate` code), encodes its PNGs and
+   scores them with every per-image metric; returns the PNG bytes and the score records.
 3. :func:`run` — the driver: skips batches whose records are all in ``scores.jsonl`` (and whose images
-   exist), appends and fsyncs the records of the others.
+   exist); deals the others out to the ranks (:meth:`crdiff_cli.distributed.Ranks.map`, one batch per
+   rank per round); rank 0 writes each batch's PNGs atomically, then appends and fsyncs its records, in
+   batch order. A batch is made and scored whole on one rank, so its pixels and scores (which may depend
+   on the batch's composition) are those of one process, whatever the number of ranks.
 
 Each variant of a (prompt, seed) has the same seed and settings. With batch size 1 an image is, bit for
 bit, what `crdiff generate` writes with ``--dense``, ``--k 1`` or ``--k K`` (same pixels, same PNG text);
@@ -137,9 +140,9 @@ class Evaluation:
         return {**self.model_info, **crdiff_info(self.choices[resolution], self.specs[resolution],
                                                  self.variant_k(variant), self.masks)}
 
-    def produce(self, batch: list[WorkItem], on_step: Callable[[], None] | None = None) -> list[dict]:
-        """Generate, write and score one batch; returns one record per (item, per-image metric)."""
-        from crdiff_cli.generate import generate_images, image_params, save_png
+    def produce(self, batch: list[WorkItem], on_step: Callable[[], None] | None = None) -> tuple[list, list[dict]]:
+        """Generate and score one batch: ``([(image path, PNG bytes)], one record per (item, per-image metric))``."""
+        from crdiff_cli.generate import generate_images, image_params, png_bytes
 
         first = batch[0]
         settings = self.settings[first.resolution]
@@ -148,10 +151,8 @@ class Evaluation:
         prompts = [self.prompts[item.prompt_index] for item in batch]
         images = generate_images(self.pipe, prompts, [item.seed for item in batch], settings, on_step)
         info = self.image_info(first.resolution, first.variant)
-        for item, image, prompt in zip(batch, images, prompts):
-            path = self.out_dir / item.image
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_png(image, path, image_params(prompt, item.seed, settings, info))
+        files = [(item.image, png_bytes(image, image_params(prompt, item.seed, settings, info)))
+                 for item, image, prompt in zip(batch, images, prompts)]
         records = []
         scores = {m.spec.name: m.score(images, prompts) for m in self.metrics}
         for i, item in enumerate(batch):
@@ -160,7 +161,7 @@ class Evaluation:
             if not scores:  # FID only: the record says the image is done
                 records.append({**base, "metric": None, "score": None})
             records.extend({**base, "metric": name, "score": values[i]} for name, values in scores.items())
-        return records
+        return files, records
 
 
 def record_key(record: dict) -> tuple:
@@ -176,69 +177,102 @@ def pending(items: list[WorkItem], batch_size: int, metric_names: list[str | Non
             or not all((out_dir / item.image).is_file() for item in batch)]
 
 
-def run(evaluation: Evaluation, todo: list[list[WorkItem]], journal, records: list[dict], *,
+def run(evaluation: Evaluation, todo: list[list[WorkItem]], journal, records: list[dict], *, ranks=None,
         on_step: Callable[[], None] | None = None, on_batch: Callable[[int], None] | None = None) -> list[dict]:
-    """Produce every pending batch, appending its new records (durably) to ``journal`` and ``records``."""
+    """Produce every pending batch, appending its new records (durably) to ``journal`` and ``records``.
+
+    With ``ranks`` (under torchrun) each rank produces its share of every round and rank 0 — the only one
+    with a ``journal`` — writes the images and records in batch order (``on_batch`` is called there).
+    A failed rank raises :class:`crdiff_cli.distributed.RankFailure` once the finished rounds are journaled.
+    """
+    from crdiff_cli.distributed import SINGLE
+    from crdiff_cli.generate import write_file
+
     done = {record_key(r) for r in records}
-    for batch in todo:
-        for record in evaluation.produce(batch, on_step):
-            if record_key(record) not in done:
-                journal.append(record)
-                records.append(record)
-                done.add(record_key(record))
-        if on_batch:
-            on_batch(len(batch))
+
+    def write(round_batches, results) -> None:
+        for batch, (files, new_records) in zip(round_batches, results):
+            for image, data in files:  # the images first: a record promises its image exists
+                path = evaluation.out_dir / image
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_file(path, data)
+            for record in new_records:
+                if record_key(record) not in done:
+                    journal.append(record)
+                    records.append(record)
+                    done.add(record_key(record))
+            if on_batch:
+                on_batch(len(batch))
+
+    (ranks or SINGLE).map(todo, lambda share: [evaluation.produce(batch, on_step) for batch in share],
+                          on_results=write)
     return records
 
 
 @dataclass
 class Session:
-    """A started evaluation: models loaded, journal open, the records so far."""
+    """A started evaluation: models loaded, journal open, the records so far (journal and records: rank 0)."""
 
     evaluation: Evaluation
-    journal: object
+    journal: object | None
     records: list[dict]
     specs: list
     fid: object | None
     identity: dict
     out_dir: Path
+    ranks: object
 
     @property
     def metric_names(self) -> list[str | None]:
         return [s.name for s in self.specs if s.per_image] or [None]
 
     def pending(self, items: list[WorkItem], batch_size: int) -> list[list[WorkItem]]:
-        return pending(items, batch_size, self.metric_names, self.records, self.out_dir)
+        """The pending batches, as rank 0 (which holds the records and the images) sees them, on every rank."""
+        return self.ranks.on_main(lambda: pending(items, batch_size, self.metric_names, self.records, self.out_dir))
 
     def run(self, todo: list[list[WorkItem]], on_batch: Callable[[int], None] | None = None) -> None:
         try:
-            run(self.evaluation, todo, self.journal, self.records, on_batch=on_batch)
+            run(self.evaluation, todo, self.journal, self.records, ranks=self.ranks, on_batch=on_batch)
         finally:
-            self.journal.close()
+            if self.journal is not None:
+                self.journal.close()
 
 
 def start(*, model: str, identity: dict, settings: dict, prompts: list[str], specs, reference_images: Path | None,
           k: float, ratios: str | None, profile: str | None, dtype: str, device: str, out_dir: Path, resume: bool,
-          overwrite: bool, warn: Callable[[str], None]) -> Session:
-    """Load the model and metric models, choose each resolution's ratios, open ``scores.jsonl``."""
+          overwrite: bool, warn: Callable[[str], None], ranks=None) -> Session:
+    """Load the model and metric models, choose each resolution's ratios, open ``scores.jsonl``.
+
+    Under torchrun (``ranks``) every rank loads the models onto its own device; rank 0 alone loads the
+    FID model (FID is computed from the written images in :func:`finish`) and opens the journal.
+    """
+    from crdiff_cli.distributed import SINGLE
     from crdiff_cli.eval_metrics import load_metrics
     from crdiff_cli.journal import open_journal
     from crdiff_cli.models import load_model
     from crdiff_cli.profile_table import choose_ratios
 
-    loaded = load_model(model, dtype=dtype, device=device)
+    ranks = ranks or SINGLE
+    loaded = load_model(model, dtype=dtype, device=ranks.device(device))
     choices = {}
     for res in settings:
         choice = choose_ratios(loaded.family, ratios=ratios, profile=profile, resolution=res)
         if choice.warning and (not choices or ratios is None and profile is None):
             warn(choice.warning)
         choices[res] = choice
-    image_metrics, fid = load_metrics(specs, device=device, reference_images=reference_images)
+    image_metrics, fid = load_metrics(specs if ranks.is_main else [s for s in specs if s.per_image],
+                                      device=ranks.device(device), reference_images=reference_images)
     info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device}
     evaluation = Evaluation(loaded, model_info=info, ratio_choices=choices, settings=settings, prompts=prompts, k=k,
                             metrics=image_metrics, out_dir=out_dir)
-    journal, records = open_journal(out_dir / SCORES, identity, resume=resume, overwrite=overwrite, kind=JOURNAL_KIND)
-    return Session(evaluation, journal, records, specs, fid, identity, out_dir)
+    session = Session(evaluation, None, [], specs, fid, identity, out_dir, ranks)
+
+    def open_scores() -> None:  # on rank 0; an error there stops every rank
+        session.journal, session.records = open_journal(out_dir / SCORES, identity, resume=resume,
+                                                        overwrite=overwrite, kind=JOURNAL_KIND)
+
+    ranks.on_main(open_scores)
+    return session
 
 
 def finish(session: Session, items: list[WorkItem], variants: list[str], resolutions: list[Resolution]):

@@ -161,11 +161,12 @@ def test_search_under_torchrun_gives_the_profile_and_journal_of_one_process(tiny
     assert run.returncode == 0, run.stderr
     profile, entries = single_search
     assert json.loads((tmp_path / "best.json").read_text()) == profile
-    assert len(entries) == 8 and comparable(read_journal(tmp_path / "best.journal.jsonl")[1]) == comparable(entries)
+    # the seed, 7 iterations and the reference rule's restart step (after iteration 5)
+    assert len(entries) == 9 and comparable(read_journal(tmp_path / "best.journal.jsonl")[1]) == comparable(entries)
     assert all(len(e["scores"]) == 6 for e in entries)  # 2 prompts x 3 image seeds: 3 images per rank
     assert (tmp_path / "best.trace.png").is_file()
     # rank 0 alone logs: each step once
-    assert [line.split()[0] for line in crdiff_lines(run.stderr)] == [f"[{n}]" for n in range(1, 9)]
+    assert [line.split()[0] for line in crdiff_lines(run.stderr)] == [f"[{n}]" for n in range(1, len(entries) + 1)]
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
@@ -176,28 +177,109 @@ def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under torchrun")
 
 
+def kill_rank_1(tiny_dirs, args, journal: Path, lines: int) -> None:
+    """Run the command ``args`` under torchrun and SIGKILL rank 1 (as the kernel's OOM killer would) once
+    ``journal`` has ``lines`` lines; the run must stop with one error line from rank 0 saying how to resume,
+    and torchrun's summary must name the rank and the signal."""
+    proc = subprocess.Popen(torchrun_cmd("-m", "crdiff_cli", *args), env=env(tiny_dirs), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (journal.exists() and journal.read_bytes().count(b"\n") >= lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or stalled before the kill"
+        time.sleep(0.01)
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    _, stderr = proc.communicate()
+    assert proc.returncode != 0
+    errors = [line for line in crdiff_lines(stderr) if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert "add --resume to continue" in errors[0] and ("lost contact" in errors[0] or "stopped" in errors[0])
+    assert "rank      : 1" in stderr and "SIGKILL" in stderr
+
+
 def test_a_killed_rank_stops_the_search_in_one_line_and_resume_completes_it(tiny_dirs, tmp_path, single_search):
     (tmp_path / "prompts.txt").write_text("a red cube\na lighthouse at night\n")
     args = [*SEARCH, "--prompts", tmp_path / "prompts.txt", "--out", tmp_path / "best.json"]
     journal = tmp_path / "best.journal.jsonl"
-    proc = subprocess.Popen(torchrun_cmd("-m", "crdiff_cli", *args), env=env(tiny_dirs), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while not (journal.exists() and journal.read_bytes().count(b"\n") >= 1 + 3):
-        assert proc.poll() is None and time.monotonic() < deadline, "the search ended or stalled before the kill"
-        time.sleep(0.01)
-    os.kill(rank_pid(proc, 1), signal.SIGKILL)  # as the kernel's OOM killer would
-    stdout, stderr = proc.communicate()
-    assert proc.returncode != 0 and not (tmp_path / "best.json").exists()
-    errors = [line for line in crdiff_lines(stderr) if line.startswith("error:")]
-    assert len(errors) == 1, stderr  # one line, from rank 0
-    assert "add --resume to continue" in errors[0] and ("lost contact" in errors[0] or "stopped" in errors[0])
-    assert "rank      : 1" in stderr and "SIGKILL" in stderr  # torchrun's summary names the rank and the cause
+    kill_rank_1(tiny_dirs, args, journal, 1 + 3)
+    assert not (tmp_path / "best.json").exists()
     durable = read_journal(journal)[1]
     profile, entries = single_search
-    assert 3 <= len(durable) < 8 and comparable(durable) == comparable(entries[:len(durable)])
+    assert 3 <= len(durable) < len(entries) and comparable(durable) == comparable(entries[:len(durable)])
 
     resumed = torchrun(tiny_dirs, *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert comparable(read_journal(journal)[1]) == comparable(entries)
     assert json.loads((tmp_path / "best.json").read_text()) == profile
+
+
+# --- evaluate under torchrun --------------------------------------------------------------------------
+
+EVALUATE = ["evaluate", "--model", "tiny", "--res", "32x32", "--steps", "1", "--metrics", "tiny", "-n", "2",
+            "--batch-size", "2", "--seed", "3"]
+EVALUATE_FILES = ("scores.jsonl", "results.csv", "results.json", "paired.csv")
+
+
+def evaluate_args(folder: Path, out: Path) -> list:
+    (folder / "prompts.txt").write_text("a red cube\na lighthouse at night\na green apple\n")
+    return [*EVALUATE, "--prompts", folder / "prompts.txt", "--out", out]
+
+
+def evaluation_files(out: Path) -> dict[str, bytes]:
+    """Every image and the results files of an evaluation, by path (report.html's inline charts included)."""
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "images").rglob("*.png"))}
+    return {**files, **{name: (out / name).read_bytes() for name in (*EVALUATE_FILES, "report.html")}}
+
+
+@pytest.fixture(scope="module")
+def single_evaluation(tiny_dirs, tmp_path_factory) -> dict[str, bytes]:
+    """The single-process evaluation every torchrun evaluation here must reproduce, by path: 3 variants x
+    3 prompts x 2 seeds = 18 images in 9 batches of 2 (5 rounds of 2 ranks, the last with one batch)."""
+    folder = tmp_path_factory.mktemp("single-evaluate")
+    run = single(tiny_dirs, *evaluate_args(folder, folder / "out"))
+    assert run.returncode == 0, run.stderr
+    return evaluation_files(folder / "out")
+
+
+def test_evaluate_under_torchrun_writes_the_files_of_one_process(tiny_dirs, tmp_path, single_evaluation):
+    run = torchrun(tiny_dirs, *evaluate_args(tmp_path, tmp_path / "out"))
+    assert run.returncode == 0, run.stderr
+    files = evaluation_files(tmp_path / "out")
+    assert len([name for name in files if name.endswith(".png")]) == 18
+    # images, scores.jsonl (the same lines in the same order), results, paired comparisons: byte for byte
+    assert files.keys() == single_evaluation.keys()
+    for name in files:
+        assert files[name] == single_evaluation[name], name
+    # one progress bar and one summary from rank 0 only
+    assert run.stdout.count("wrote 18 images") == 1 and run.stderr.count("images") == 1
+
+
+def test_evaluate_resumes_a_single_process_run_with_two_ranks(tiny_dirs, tmp_path, single_evaluation):
+    """A one-process run stopped after 4 of its 9 batches (as a kill leaves it: the next batch's images
+    written, its records not), resumed by 2 ranks: the files of an uninterrupted run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = single_evaluation["scores.jsonl"].splitlines(keepends=True)
+    (out / "scores.jsonl").write_bytes(b"".join(lines[:1 + 4 * 2]))  # header + 4 batches of 2 images x 1 metric
+    for name, data in single_evaluation.items():
+        if name.endswith(".png") and "/crdiff/" not in name:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(data)
+    run = torchrun(tiny_dirs, *evaluate_args(tmp_path, out), "--resume")
+    assert run.returncode == 0, run.stderr
+    assert evaluation_files(out) == single_evaluation
+
+
+def test_a_killed_rank_stops_the_evaluation_in_one_line_and_one_process_resumes_it(tiny_dirs, tmp_path,
+                                                                                   single_evaluation):
+    out = tmp_path / "out"
+    args = evaluate_args(tmp_path, out)
+    scores = out / "scores.jsonl"
+    kill_rank_1(tiny_dirs, args, scores, 1 + 2)  # header and the first batch
+    assert not (out / "results.csv").exists()
+    durable = scores.read_bytes().splitlines(keepends=True)
+    expected = single_evaluation["scores.jsonl"].splitlines(keepends=True)
+    assert 3 <= len(durable) < len(expected) and durable == expected[:len(durable)]
+
+    resumed = single(tiny_dirs, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert evaluation_files(out) == single_evaluation

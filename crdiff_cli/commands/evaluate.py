@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from crdiff_cli.cli_shared import MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
+from crdiff_cli.cli_shared import (MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, start_ranks,
+                                   warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -49,11 +50,17 @@ def evaluate(
     Writes OUT/images/<HxW>/<variant>/<prompt>_<seed>.png, OUT/scores.jsonl (resumable), OUT/results.csv and
     results.json (means with 95% bootstrap intervals), OUT/paired.csv (CR-Diff vs pruned and vs dense:
     paired difference, win rate, p-value) and OUT/report.html.
+
+    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli evaluate ... (same flags, --device cuda) deals the
+    batches out to the ranks, one per rank per round; rank 0 writes every image (byte for byte the files of
+    one process), scores.jsonl and the results. Several machines: torchrun --nnodes M --nproc-per-node N
+    --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID. N ranks make close to N times the images per
+    hour when there are many more batches than ranks; --resume works with any number of ranks
+    (docs/distributed.md).
     """
     from crdiff_cli.eval_metrics import parse_metrics
     from crdiff_cli.evaluate import SCORES, parse_variants, prompts_hash, read_prompt_source, work_items
     from crdiff_cli.generate import GenerationSettings, check_k
-    from crdiff_cli.journal import check_journal
     from crdiff_cli.models import torch_dtype
     from crdiff_cli.profile_table import get_profile
     from crdiff_cli.ratios import Ratios
@@ -82,40 +89,54 @@ def evaluate(
     settings = {r: GenerationSettings(r, steps, guidance, negative_prompt, scheduler) for r in resolutions}
     seeds = list(range(seed, seed + num_images))
     specs = parse_metrics(metrics, reference_images=reference_images, num_generated=len(prompts) * len(seeds))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CrdiffError(f"--out {out_dir} is a file; pass a folder")
-    if not out_dir.parent.is_dir():
-        raise CrdiffError(f"the folder {out_dir.parent} for --out does not exist; create it first")
     identity = {"model": model, "resolutions": [str(r) for r in resolutions], "variants": variant_list, "k": k,
                 "ratios": ratios, "profile": profile, "metrics": [s.spec for s in specs],
                 "reference_images": str(reference_images.resolve()) if reference_images else None,
                 "prompts_sha256": prompts_hash(prompts), "num_prompts": len(prompts), "seeds": seeds, "steps": steps,
                 "guidance": guidance, "negative_prompt": negative_prompt, "scheduler": scheduler, "dtype": dtype,
                 "device": device, "batch_size": batch_size}
-    journal_path = out_dir / SCORES
-    if out_dir.is_dir():
-        check_journal(journal_path, identity, resume=resume, overwrite=overwrite, kind="evaluation")
-    elif resume:
-        raise CrdiffError(f"no run in {out_dir} to resume; run without --resume to start one")
+    ranks = start_ranks(device)
+    ranks.on_main(lambda: _check_out(out_dir, identity, resume=resume, overwrite=overwrite))  # files: rank 0's
     if k_warning:
         warn(k_warning)
     items = work_items(resolutions, variant_list, len(prompts), seeds)
 
+    from crdiff_cli.distributed import RankFailure
     from crdiff_cli.evaluate import finish, start
 
-    out_dir.mkdir(exist_ok=True)
     with err.status(f"loading {model} and the metric models"):
         session = start(model=model, identity=identity, settings=settings, prompts=prompts, specs=specs,
                         reference_images=reference_images, k=k, ratios=ratios, profile=profile, dtype=dtype,
-                        device=device, out_dir=out_dir, resume=resume, overwrite=overwrite, warn=warn)
+                        device=device, out_dir=out_dir, resume=resume, overwrite=overwrite, warn=warn, ranks=ranks)
     with _progress() as bars:
         todo = session.pending(items, batch_size)
         images = bars.add_task("images", total=len(items), completed=len(items) - sum(len(b) for b in todo))
-        session.run(todo, on_batch=lambda n: bars.advance(images, n))
+        try:
+            session.run(todo, on_batch=lambda n: bars.advance(images, n))
+        except RankFailure as exc:
+            raise RankFailure(f"{exc}; every finished batch is in {out_dir / SCORES}: add --resume to continue") from None
+    if not ranks.is_main:
+        return
     with err.status("computing results"):
         results = finish(session, items, variant_list, resolutions)
     out.print(results_table(results.rows, specs, variant_list, [str(r) for r in resolutions]))
     out.print(f"wrote {len(items)} images, scores.jsonl, results.csv/json, paired.csv and report.html to {out_dir}")
+
+
+def _check_out(out_dir: Path, identity: dict, *, resume: bool, overwrite: bool) -> None:
+    """--out can take this run (a new folder, or one whose scores.jsonl matches --resume/--overwrite); creates it."""
+    from crdiff_cli.evaluate import SCORES
+    from crdiff_cli.journal import check_journal
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CrdiffError(f"--out {out_dir} is a file; pass a folder")
+    if not out_dir.parent.is_dir():
+        raise CrdiffError(f"the folder {out_dir.parent} for --out does not exist; create it first")
+    if out_dir.is_dir():
+        check_journal(out_dir / SCORES, identity, resume=resume, overwrite=overwrite, kind="evaluation")
+    elif resume:
+        raise CrdiffError(f"no run in {out_dir} to resume; run without --resume to start one")
+    out_dir.mkdir(exist_ok=True)
 
 
 def results_table(rows: list[dict], specs, variants: list[str], resolutions: list[str]):
