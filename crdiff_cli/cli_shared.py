@@ -24,9 +24,10 @@ MODEL_HELP = ("Diffusers pipeline folder, hub id (from the local HF cache), sing
               "embedded test model: tiny (SD1.5-shaped) or tiny-sdxl.")
 RES_HELP = "Target resolution HEIGHTxWIDTH (paper convention), multiples of 8, e.g. 400x560."
 RATIOS_HELP = "Pruning ratios DOWN/MID/UP, each in [0, 1), e.g. 0.319/0.240/0.192."
-LORA_HELP = ("A LoRA to fuse into the model first: PATH[:SCALE] (scale default 1.0), a diffusers/PEFT or kohya "
-             ".safetensors file or a folder holding one (pickled .pt/.bin/.ckpt are refused). Repeatable, fused in "
-             "order. Pruning applies to the LoRA-fused weights.")
+LORA_HELP = ("A LoRA to fuse first: PATH[:SCALE] (default 1.0), a .safetensors file or folder (diffusers/PEFT "
+             "or kohya). Repeatable; pruning applies to the fused weights.")
+MASKS_HELP = ("Pruned twin: copy (masked copies in one buffer, +23% of an SD1.5 UNet; fastest) or on-the-fly "
+              "(no extra memory; slower for small images). Same images either way.")
 SCHEDULER_HELP = ("ddim, pndm, euler, euler-a, dpm++, lms, heun, unipc, or for few-step distilled models lcm "
                   "(LCM, LCM-LoRA) and euler-trailing (SDXL-Turbo/Lightning); default: the model's own.")
 GUIDANCE_HELP = ("Classifier-free guidance scale; <= 1 turns guidance off (one UNet batch half, as distilled "

@@ -240,20 +240,26 @@ class Session:
 
 def start(*, model: str, identity: dict, settings: dict, prompts: list[str], specs, reference_images: Path | None,
           k: float, ratios: str | None, profile: str | None, dtype: str, device: str, out_dir: Path, resume: bool,
-          overwrite: bool, warn: Callable[[str], None], ranks=None) -> Session:
+          overwrite: bool, warn: Callable[[str], None], ranks=None, loras=(), inputs=None) -> Session:
     """Load the model and metric models, choose each resolution's ratios, open ``scores.jsonl``.
 
     Under torchrun (``ranks``) every rank loads the models onto its own device; rank 0 alone loads the
     FID model (FID is computed from the written images in :func:`finish`) and opens the journal.
+    ``loras`` (:mod:`crdiff_cli.lora`) are fused right after loading; ``inputs``
+    (:class:`~crdiff_cli.conditioning.ImageInputs`) picks diffusers' ControlNet / img2img / inpainting pipeline.
     """
     from crdiff_cli.distributed import SINGLE
     from crdiff_cli.eval_metrics import load_metrics
     from crdiff_cli.journal import open_journal
+    from crdiff_cli.lora import fuse_loras
     from crdiff_cli.models import load_model
     from crdiff_cli.profile_table import choose_ratios
 
     ranks = ranks or SINGLE
     loaded = load_model(model, dtype=dtype, device=ranks.device(device))
+    fuse_loras(loaded.pipe, loras)
+    if inputs is not None:
+        loaded.pipe = inputs.pipeline(loaded.pipe)
     choices = {}
     for res in settings:
         choice = choose_ratios(loaded.family, ratios=ratios, profile=profile, resolution=res)
@@ -262,7 +268,8 @@ def start(*, model: str, identity: dict, settings: dict, prompts: list[str], spe
         choices[res] = choice
     image_metrics, fid = load_metrics(specs if ranks.is_main else [s for s in specs if s.per_image],
                                       device=ranks.device(device), reference_images=reference_images)
-    info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device}
+    info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device,  # as generate records it
+            **({"loras": [x.label for x in loras]} if loras else {}), **(inputs.info() if inputs is not None else {})}
     evaluation = Evaluation(loaded, model_info=info, ratio_choices=choices, settings=settings, prompts=prompts, k=k,
                             metrics=image_metrics, out_dir=out_dir)
     session = Session(evaluation, None, [], specs, fid, identity, out_dir, ranks)

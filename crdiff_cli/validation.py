@@ -19,9 +19,13 @@ def check_finite(flag: str, value: float) -> float:
     return value
 
 
-def check_prompt(flag: str, text: str | None) -> str | None:
-    """Refuse an empty or whitespace-only prompt (None, an omitted optional prompt, passes)."""
-    if text is not None and not text.strip():
+def check_prompt(flag: str, text: str | None, *, empty_ok: bool = False) -> str | None:
+    """Refuse an empty or whitespace-only prompt (None, an omitted optional prompt, passes).
+
+    ``empty_ok``: ``""`` itself is a meaningful value (a negative prompt: the reference search passes ``""``,
+    which conditions SDXL differently from none); whitespace alone is still refused as a slip.
+    """
+    if text is not None and not text.strip() and not (empty_ok and text == ""):
         raise CrdiffError(f"{flag} is empty; write the prompt text, or omit the flag")
     return text
 

@@ -71,6 +71,28 @@ def test_images_are_bit_identical_to_generate(tmp_path, tiny_dirs, name):
     assert not np.array_equal(np.asarray(Image.open(ev / "dense/0_3.png")), np.asarray(Image.open(ev / "crdiff/0_3.png")))
 
 
+def test_img2img_images_are_bit_identical_to_generate(tmp_path, tiny_dirs):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(init)
+    flags = ["--model", "tiny", "--res", "48x64", "--prompt", "a red fox", "--seed", "2", "--steps", "2",
+             "--init-image", str(init), "--strength", "0.6", "--ratios", "0.3/0.2/0.25", "--k", "1.3"]
+    ok(invoke(*flags, "--out", str(tmp_path / "ev"), "--metrics", "tiny", "--variants", "crdiff"))
+    ok(CliRunner().invoke(app, ["generate", *flags, "--out", str(tmp_path / "gen")]))
+    assert (tmp_path / "gen" / "0_2.png").read_bytes() == (tmp_path / "ev/images/48x64/crdiff/0_2.png").read_bytes()
+    identity = json.loads((tmp_path / "ev" / "scores.jsonl").read_text().splitlines()[0])["identity"]
+    assert identity["init_image"] == str(init) and identity["strength"] == 0.6
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_folder_crdiff_did_not_write_is_never_written_into(tmp_path, overwrite):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = invoke("--model", "tiny", "--res", "32x32", "--prompt", "x", *COMMON, *overwrite, "--out", str(out))
+    assert result.exit_code == 2 and "not a crdiff evaluation folder" in result.stderr, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

@@ -261,7 +261,7 @@ LORA_CASES = {"missing": "does not exist", "pickled": "pickle", "pickled folder"
               "sdxl lora on sd15": "64-wide text conditioning", "bad scale": "finite"}
 
 
-@pytest.mark.parametrize("command", ["prune", "generate", "search", "bake"])
+@pytest.mark.parametrize("command", ["prune", "generate", "search", "bake", "evaluate"])
 @pytest.mark.parametrize("case", list(LORA_CASES))
 def test_bad_lora_is_one_line_exit_2_before_loading_and_writes_nothing(tmp_path, tiny_dirs, loras, monkeypatch,
                                                                        command, case):
@@ -275,7 +275,8 @@ def test_bad_lora_is_one_line_exit_2_before_loading_and_writes_nothing(tmp_path,
     args = {"prune": ["--ratios", RATIOS, "--out", out],
             "generate": ["--res", "64x64", "--prompt", "x", "--out", out],
             "search": ["--res", "64x64", "--scorer", "tiny", "--prompt", "x", "--out", out / "p.json"],
-            "bake": ["--res", "64x64", "--out", out / "a.safetensors"]}[command]
+            "bake": ["--res", "64x64", "--out", out / "a.safetensors"],
+            "evaluate": ["--res", "64x64", "--prompt", "x", "--metrics", "tiny", "--out", out]}[command]
     if command in ("search", "bake"):
         out.mkdir()
     lora = bad_lora(tmp_path, loras, case)

@@ -459,7 +459,7 @@ def test_crdiff_alone_still_prints_the_help():
 
 # --- 11. help -----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["prune", "search", "bake", "generate", "profiles"])
+@pytest.mark.parametrize("command", ["prune", "search", "bake", "generate", "evaluate", "profiles"])
 def test_help_fits_80_columns_and_flags_read_as_flags(command):
     done = subprocess.run([str(CRDIFF), command, "--help"], capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "80", "TERMINAL_WIDTH": "80"})

@@ -7,8 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from crdiff_cli.cli_shared import (MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, start_ranks,
-                                   warn)
+from crdiff_cli.cli_shared import (CONTROL_IMAGE_HELP, CONTROL_SCALE_HELP, CONTROLNET_HELP, INIT_IMAGE_HELP,
+                                   LORA_HELP, MASK_IMAGE_HELP, MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP,
+                                   STRENGTH_HELP, command, err, out, start_ranks, warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -36,6 +37,13 @@ def evaluate(
     steps: int = typer.Option(30, "--steps", help="Denoising steps."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
+    controlnet: Optional[str] = typer.Option(None, "--controlnet", help=CONTROLNET_HELP),
+    control_image: Optional[Path] = typer.Option(None, "--control-image", help=CONTROL_IMAGE_HELP),
+    control_scale: float = typer.Option(1.0, "--control-scale", help=CONTROL_SCALE_HELP),
+    init_image: Optional[Path] = typer.Option(None, "--init-image", help=INIT_IMAGE_HELP),
+    strength: Optional[float] = typer.Option(None, "--strength", help=STRENGTH_HELP),
+    mask_image: Optional[Path] = typer.Option(None, "--mask-image", help=MASK_IMAGE_HELP),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, pndm, euler, euler-a, dpm++, lms, heun "
                                             "or unipc (default: the model's own)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per pipeline call (and per metric batch). 1 "
@@ -58,18 +66,22 @@ def evaluate(
     hour when there are many more batches than ranks; --resume works with any number of ranks
     (docs/distributed.md).
     """
+    from crdiff_cli.conditioning import ImageInputs
     from crdiff_cli.eval_metrics import parse_metrics
     from crdiff_cli.evaluate import SCORES, parse_variants, prompts_hash, read_prompt_source, work_items
     from crdiff_cli.generate import GenerationSettings, check_k
     from crdiff_cli.models import torch_dtype
     from crdiff_cli.profile_table import get_profile
     from crdiff_cli.ratios import Ratios
+    from crdiff_cli.lora import prepare_loras
     from crdiff_cli.resolution import Resolution
+    from crdiff_cli.validation import check_device, check_prompt
 
     resolutions = list(dict.fromkeys(Resolution.parse(r) for r in res))
     if (prompt is None) == (prompts_file is None):
         raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
-    prompts = [prompt] if prompt is not None else read_prompt_source(prompts_file)
+    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompt_source(prompts_file)
+    check_prompt("--negative-prompt", negative_prompt, empty_ok=True)
     if limit is not None:
         if limit < 1:
             raise CrdiffError(f"--limit {limit} must be at least 1")
@@ -86,7 +98,12 @@ def evaluate(
         if value < 1:
             raise CrdiffError(f"{name} {value} must be at least 1")
     torch_dtype(dtype)
-    settings = {r: GenerationSettings(r, steps, guidance, negative_prompt, scheduler) for r in resolutions}
+    check_device(device)
+    inputs = ImageInputs(controlnet, control_image, control_scale, init_image, strength, mask_image)
+    inputs.check(model)
+    loras = prepare_loras(lora, model)
+    settings = {r: GenerationSettings(r, steps, guidance, negative_prompt, scheduler, inputs if inputs.active else None)
+                for r in resolutions}
     seeds = list(range(seed, seed + num_images))
     specs = parse_metrics(metrics, reference_images=reference_images, num_generated=len(prompts) * len(seeds))
     identity = {"model": model, "resolutions": [str(r) for r in resolutions], "variants": variant_list, "k": k,
@@ -94,7 +111,7 @@ def evaluate(
                 "reference_images": str(reference_images.resolve()) if reference_images else None,
                 "prompts_sha256": prompts_hash(prompts), "num_prompts": len(prompts), "seeds": seeds, "steps": steps,
                 "guidance": guidance, "negative_prompt": negative_prompt, "scheduler": scheduler, "dtype": dtype,
-                "device": device, "batch_size": batch_size}
+                "device": device, "batch_size": batch_size, "loras": [x.label for x in loras], **inputs.info()}
     ranks = start_ranks(device)
     ranks.on_main(lambda: _check_out(out_dir, identity, resume=resume, overwrite=overwrite))  # files: rank 0's
     if k_warning:
@@ -107,7 +124,8 @@ def evaluate(
     with err.status(f"loading {model} and the metric models"):
         session = start(model=model, identity=identity, settings=settings, prompts=prompts, specs=specs,
                         reference_images=reference_images, k=k, ratios=ratios, profile=profile, dtype=dtype,
-                        device=device, out_dir=out_dir, resume=resume, overwrite=overwrite, warn=warn, ranks=ranks)
+                        device=device, out_dir=out_dir, resume=resume, overwrite=overwrite, warn=warn, ranks=ranks,
+                        loras=loras, inputs=inputs)
     with _progress() as bars:
         todo = session.pending(items, batch_size)
         images = bars.add_task("images", total=len(items), completed=len(items) - sum(len(b) for b in todo))
@@ -126,16 +144,23 @@ def evaluate(
 def _check_out(out_dir: Path, identity: dict, *, resume: bool, overwrite: bool) -> None:
     """--out can take this run (a new folder, or one whose scores.jsonl matches --resume/--overwrite); creates it."""
     from crdiff_cli.evaluate import SCORES
-    from crdiff_cli.journal import check_journal
+    from crdiff_cli.atomic import check_writable, clean_stale
+    from crdiff_cli.journal import check_journal, is_journal
 
     if out_dir.exists() and not out_dir.is_dir():
         raise CrdiffError(f"--out {out_dir} is a file; pass a folder")
     if not out_dir.parent.is_dir():
         raise CrdiffError(f"the folder {out_dir.parent} for --out does not exist; create it first")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_journal(out_dir / SCORES, "evaluation"):
+        raise CrdiffError(f"output {out_dir} exists and is not a crdiff evaluation folder (no {SCORES}); crdiff never "
+                          "writes into what it did not create, even with --overwrite: choose another --out")
     if out_dir.is_dir():
+        clean_stale(out_dir)
+        check_writable(out_dir)
         check_journal(out_dir / SCORES, identity, resume=resume, overwrite=overwrite, kind="evaluation")
     elif resume:
         raise CrdiffError(f"no run in {out_dir} to resume; run without --resume to start one")
+    check_writable(out_dir.parent)
     out_dir.mkdir(exist_ok=True)
 
 

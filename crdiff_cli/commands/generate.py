@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 
 from crdiff_cli.cli_shared import (CONTROL_IMAGE_HELP, CONTROL_SCALE_HELP, CONTROLNET_HELP, GUIDANCE_HELP,
-                                   INIT_IMAGE_HELP, LORA_HELP, MASK_IMAGE_HELP, MODEL_HELP, PROFILE_HELP, RATIOS_HELP,
-                                   RES_HELP, SCHEDULER_HELP, STRENGTH_HELP, command, err, out, plural, start_ranks, warn)
+                                   INIT_IMAGE_HELP, LORA_HELP, MASK_IMAGE_HELP, MASKS_HELP, MODEL_HELP, PROFILE_HELP,
+                                   RATIOS_HELP, RES_HELP, SCHEDULER_HELP, STRENGTH_HELP, command, err, out, plural,
+                                   start_ranks, warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -19,13 +20,12 @@ def generate(
                               "supplies text encoders, tokenizers, VAE and scheduler."),
     res: Optional[str] = typer.Option(None, "--res", help=RES_HELP + " Required, except with --artifact (default: "
                                       "the artifact's)."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.json (created if missing; "
-                                 "an existing one must be empty, or a previous generate output with --overwrite)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.json: new or empty "
+                                 "(or a previous generate output, with --overwrite)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A UTF-8 file, one prompt per line (# comments)."),
-    k: Optional[float] = typer.Option(None, "--k", help="POA coefficient: e = e_dense + k (e_pruned - e_dense). 0 = "
-                                      "dense, 1 = pruned only; default 1.5 (the reference implementation's; the "
-                                      "paper's card uses 1.2), with --artifact the artifact's."),
+    k: Optional[float] = typer.Option(None, "--k", help="POA: e = e_dense + k (e_pruned - e_dense); 0 dense, 1 pruned. "
+                                      "Default 1.5 (reference code; the card uses 1.2) or the artifact's."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help=RATIOS_HELP),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP + " Default: the paper's profile "
                                           "for the model family at --res (nearest resolution, with a warning)."),
@@ -38,10 +38,7 @@ def generate(
     guidance: float = typer.Option(7.5, "--guidance", help=GUIDANCE_HELP),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
-    masks: str = typer.Option("copy", "--masks", help="Pruned twin: 'copy' (masked copies of the targets, made "
-                              "once, in one buffer: +23% of an SD1.5 UNet's weights; fastest) or 'on-the-fly' (no "
-                              "extra weights; re-masks every target in each pruned pass, about 0.1 s per step for "
-                              "SD1.5 on one CPU core: slower where steps are short). Same images either way."),
+    masks: str = typer.Option("copy", "--masks", help=MASKS_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs). Default fp32; "
                                         "with a .safetensors artifact, the artifact's."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
@@ -51,10 +48,8 @@ def generate(
     provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime provider for an .onnx artifact: "
                                            "tensorrt, cuda or cpu (default: the best available, in that order)."),
     ort_fold_masks: bool = typer.Option(True, "--ort-fold-masks/--no-ort-fold-masks", help="ONNX Runtime: precompute "
-                                        "the pruned weights at load (fast, a second copy of the target weights in "
-                                        "memory) or mask them on every call (one copy, slower)."),
-    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP + " With --artifact the artifact's UNet "
-                                             "replaces the fused one: only the LoRA's text-encoder layers then apply."),
+                                        "pruned weights at load (fast, +1 copy of the targets) or mask per call."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP),
     controlnet: Optional[str] = typer.Option(None, "--controlnet", help=CONTROLNET_HELP),
     control_image: Optional[Path] = typer.Option(None, "--control-image", help=CONTROL_IMAGE_HELP),
     control_scale: float = typer.Option(1.0, "--control-scale", help=CONTROL_SCALE_HELP),
@@ -66,16 +61,9 @@ def generate(
 ):
     """Text-to-image with CR-Diff (dense + pruned UNet combined by POA) on the live PyTorch path.
 
-    Writes OUT/<prompt-index>_<seed>.png (generation parameters embedded as PNG text) and
-    OUT/manifest.json. Resolution is HEIGHTxWIDTH. With --artifact, the baked UNet replaces the model's.
-    --controlnet, --init-image (img2img) and --mask-image (inpainting) run diffusers' matching pipeline
-    with the same dual UNet; one ControlNet pass per step feeds both branches.
-
-    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli generate ... (same flags, --device cuda) splits
-    the images across the ranks; rank 0 writes them all, byte for byte the files of one process. Several
-    machines: the same command on each, plus --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT
-    --rdzv-id ID. N ranks make close to N times the images per hour: the images are dealt out in rounds
-    of one per rank, so a round waits for its slowest GPU (docs/distributed.md).
+    Writes OUT/<prompt>_<seed>.png (parameters as PNG text) and OUT/manifest.json. --controlnet,
+    --init-image and --mask-image use diffusers' matching pipeline around the same dual UNet.
+    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli generate ... (docs/distributed.md).
     """
     from crdiff_cli.atomic import check_output
     from crdiff_cli.conditioning import ImageInputs
@@ -94,7 +82,7 @@ def generate(
     if (prompt is None) == (prompts_file is None):
         raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
     prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompts(prompts_file)
-    check_prompt("--negative-prompt", negative_prompt)
+    check_prompt("--negative-prompt", negative_prompt, empty_ok=True)
     warning = check_k(k) if k is not None else None
     check_ratio_source(ratios=ratios, profile=profile, resolution=resolution)
     if masks not in MASK_MODES:

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli_shared import LORA_HELP, MODEL_HELP, RES_HELP, SCHEDULER_HELP, command, err, out, start_ranks, warn
+from crdiff_cli.cli_shared import (LORA_HELP, MASKS_HELP, MODEL_HELP, RES_HELP, SCHEDULER_HELP, command, err, out,
+                                   start_ranks, warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -100,10 +101,7 @@ def search(
                                 "model, resolution, prompts, scorer and settings required)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over: replace an existing journal, profile "
                                    "and trace."),
-    masks: str = typer.Option("copy", "--masks", help="Pruned weights: 'copy' (masked copies in one buffer, "
-                              "re-masked in place per candidate: +23% of an SD1.5 UNet's weights, fastest) or "
-                              "'on-the-fly' (no extra memory; masks every target in each pruned pass: slower where "
-                              "steps are short). Same scores either way."),
+    masks: str = typer.Option("copy", "--masks", help=MASKS_HELP),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ... (model and scorer)."),
     lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP + " Part of the journal's identity."),
@@ -114,12 +112,8 @@ def search(
     seed, and scores them; energy = -mean score. Every step is journaled, so a killed search continues
     with --resume. Writes the best ratios as a profile (resolution HEIGHTxWIDTH) and a trace PNG.
 
-    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli search ... (same flags, --device cuda): every
-    rank runs the same annealer, each candidate's prompt x image-seed images are split across the ranks
-    (scored on rank 0), and rank 0 writes journal, profile and trace: the single-process result. Several
-    machines: the same command on each, plus --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:PORT
-    --rdzv-id ID. A candidate takes ceil(images / N) image times, so N ranks give close to N times the
-    evaluations per hour when a candidate has many more images than ranks (docs/distributed.md).
+    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli search ... splits each candidate's images across
+    the ranks; the result is the single-process one (docs/distributed.md).
     """
     from crdiff_cli.annealing import AnnealConfig
     from crdiff_cli.atomic import check_output
@@ -139,7 +133,7 @@ def search(
     if (prompt is None) == (prompts_file is None):
         raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
     prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompts(prompts_file)
-    check_prompt("--negative-prompt", negative_prompt)
+    check_prompt("--negative-prompt", negative_prompt, empty_ok=True)
     lo_hi = parse_bounds(bounds, "--bounds", ratio=True)
     seeds = parse_init(init, lo_hi)
     for flag, value, ok, need in (("--iters", iters, iters >= 1, ">= 1"),
