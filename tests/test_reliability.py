@@ -177,15 +177,15 @@ def test_write_failures_of_any_writer_are_one_line(tiny_dirs, tmp_path, monkeypa
 def test_disk_filling_up_during_generate_is_one_line_and_keeps_finished_images(tiny_dirs, tmp_path, monkeypatch):
     import crdiff_cli.generate as generate
 
-    real, calls = generate.save_png, []
+    real, calls = generate.write_file, []
 
-    def save_png(image, path, params):
+    def write_file(path, data):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(image, path, params)
+        real(path, data)
 
-    monkeypatch.setattr(generate, "save_png", save_png)
+    monkeypatch.setattr(generate, "write_file", write_file)
     result = invoke(*GENERATE, "--num-images", "2", "--out", tmp_path / "images")
     assert result.exit_code == 2 and "Traceback" not in result.output  # stderr also holds the progress bars
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -467,7 +467,7 @@ def test_help_fits_80_columns_and_flags_read_as_flags(command):
     assert done.returncode == 0 and max(len(line) for line in lines) <= 80
     assert len(lines) <= 100 and "<bool>" not in done.stdout and "╭" not in done.stdout
     flag = {"prune": "--unet-only", "search": "--resume", "bake": "--verify / --no-verify", "generate": "--dense",
-            "profiles": "--help"}[command]
+            "evaluate": "--resume", "profiles": "--help"}[command]
     assert any(line.split()[:len(flag.split())] == flag.split() or line.strip().startswith(f"-h, {flag}")
                for line in lines if line.strip().startswith(("-", flag))), done.stdout
 

@@ -271,7 +271,7 @@ def test_damaged_journal_line_is_refused(full_run, tmp_path):
 
 
 @pytest.mark.parametrize("change, key", [
-    (dict(prompts=PROMPTS), "prompts"),
+    (dict(prompts=PROMPTS), "the prompts differ"),
     (dict(seed=5), "anneal.seed"),
     (dict(image_seeds=(1, 2)), "image_seeds"),
     (dict(k=1.2), "k"),
@@ -280,7 +280,7 @@ def test_resume_refuses_a_different_search(full_run, tiny_readonly, tiny_scorer,
     path = tmp_path / "j.jsonl"
     path.write_bytes(full_run[1].read_bytes())
     kwargs = FULL | change
-    with pytest.raises(CrdiffError, match=rf"different search \({key}[:.]"):
+    with pytest.raises(CrdiffError, match=rf"different search \({key}[:.;)]"):
         search(tiny_readonly["tiny"], tiny_scorer, plan(**kwargs), journal=path, resume=True)
 
 
