@@ -71,8 +71,7 @@ def evaluate(
     from crdiff_cli.evaluate import SCORES, parse_variants, prompts_hash, read_prompt_source, work_items
     from crdiff_cli.generate import GenerationSettings, check_k
     from crdiff_cli.models import torch_dtype
-    from crdiff_cli.profile_table import get_profile
-    from crdiff_cli.ratios import Ratios
+    from crdiff_cli.profile_table import check_ratio_source
     from crdiff_cli.lora import prepare_loras
     from crdiff_cli.resolution import Resolution
     from crdiff_cli.validation import check_device, check_prompt
@@ -88,12 +87,7 @@ def evaluate(
         prompts = prompts[:limit]
     variant_list = parse_variants(variants)
     k_warning = check_k(k)
-    if ratios is not None and profile is not None:
-        raise CrdiffError("--ratios and --profile both given; pass only one of them")
-    if ratios is not None:
-        Ratios.parse(ratios)
-    elif profile is not None:
-        get_profile(profile)
+    check_ratio_source(ratios=ratios, profile=profile, resolution=resolutions[0])
     for name, value in (("--num-images", num_images), ("--batch-size", batch_size)):
         if value < 1:
             raise CrdiffError(f"{name} {value} must be at least 1")
