@@ -25,7 +25,7 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A UTF-8 file, one prompt per line (# comments)."),
     k: Optional[float] = typer.Option(None, "--k", help="POA: e = e_dense + k (e_pruned - e_dense); 0 dense, 1 pruned. "
-                                      "Default 1.5 (reference code; the card uses 1.2) or the artifact's."),
+                                      "default 1.5 (reference code; the card uses 1.2) or the artifact's."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help=RATIOS_HELP),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP + " Default: the paper's profile "
                                           "for the model family at --res (nearest resolution, with a warning)."),
