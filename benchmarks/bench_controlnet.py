@@ -12,15 +12,18 @@ its residuals. Variants, timed back to back in rounds so that load from other pr
 
 Weights are random (seeded) in the real SD1.5 UNet architecture; the ControlNet is
 ``ControlNetModel.from_unet`` of it (the SD1.5 ControlNet architecture), with seeded output convolutions.
-No allocator or thread settings are changed (the CLI changes none). Per variant the median wall time and
-the median process CPU time (``time.process_time``, all threads) are reported; the ratio uses wall time.
+glibc malloc is set up as the ``crdiff`` CLI sets it at start-up (``crdiff_cli.malloc_tuning``), and no
+other allocator or thread setting is changed. Per variant the median wall time and the median process
+CPU time (``time.process_time``, all threads) are reported; the ratio is the median over rounds of the
+per-round ``dual / dense`` wall times.
 
 ``--whole-process`` (instead of the in-process measurement) backs it with runs of the command itself: a pipeline folder with this UNet and
 ControlNet (and a small text encoder and VAE, which cost little next to them) is written to a temporary
-folder, and ``crdiff generate --controlnet ...`` is timed as a subprocess, dense and CR-Diff, end to end.
+folder, and ``crdiff generate --controlnet ...`` is timed as a subprocess, dense and CR-Diff, at two step
+counts: the difference over the difference in steps is the cost of one step (loading and the VAE cancel).
 
 Usage: python benchmarks/bench_controlnet.py [--latent 32] [--rounds 3]
-       python benchmarks/bench_controlnet.py --whole-process [--latent 32] [--steps 4]
+       python benchmarks/bench_controlnet.py --whole-process [--latent 32] [--steps 2 6]
 Runtime: minutes on 2 free CPU cores; on the shared machine it was measured on, 10-30 minutes each.
 """
 
@@ -40,6 +43,7 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from crdiff_cli.dual_unet import DualUNet
+from crdiff_cli.malloc_tuning import reuse_large_blocks
 from crdiff_cli.profile_table import get_profile
 from crdiff_cli.prune_spec import PruneSpec
 
@@ -97,8 +101,8 @@ def in_process(latent: int, rounds: int) -> dict[str, list[tuple[float, float]]]
     return times
 
 
-def whole_process(latent: int, steps: int) -> dict[str, float]:
-    """Wall seconds of ``crdiff generate --controlnet`` as a subprocess, dense and CR-Diff (k = 1.5)."""
+def whole_process(latent: int, steps: list[int]) -> dict[str, dict[int, float]]:
+    """Wall seconds of ``crdiff generate --controlnet`` as a subprocess, dense and CR-Diff (k = 1.5), per step count."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
     from PIL import Image
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -124,12 +128,14 @@ def whole_process(latent: int, steps: int) -> dict[str, float]:
         Image.new("RGB", (8 * latent, 8 * latent), "white").save(root / "control.png")
         crdiff = Path(sys.executable).parent / "crdiff"
         common = [str(crdiff), "generate", "--model", str(root / "sd15-random"), "--res", f"{8 * latent}x{8 * latent}",
-                  "--steps", str(steps), "--prompt", "a house", "--controlnet", str(root / "controlnet"),
+                  "--prompt", "a house", "--controlnet", str(root / "controlnet"),
                   "--control-image", str(root / "control.png"), "--ratios", "0.3/0.3/0.3"]
-        for name, extra in (("dense", ["--dense"]), ("dual", ["--k", str(K)])):
-            start = time.perf_counter()
-            subprocess.run([*common, *extra, "--out", str(root / name)], check=True, capture_output=True)
-            results[name] = time.perf_counter() - start
+        for n in steps:
+            for name, extra in (("dense", ["--dense"]), ("dual", ["--k", str(K)])):
+                start = time.perf_counter()
+                subprocess.run([*common, "--steps", str(n), *extra, "--out", str(root / f"{name}-{n}")], check=True,
+                               capture_output=True)
+                results.setdefault(name, {})[n] = time.perf_counter() - start
     return results
 
 
@@ -138,15 +144,21 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=32, help="latent side (32 = 256x256 images)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--whole-process", action="store_true", help="time `crdiff generate` subprocesses instead")
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps of the whole-process run")
+    parser.add_argument("--steps", type=int, nargs=2, default=[2, 6], help="the whole-process runs' two step counts")
     args = parser.parse_args()
+    reuse_large_blocks()  # as the crdiff process does (its subprocesses do it themselves)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} torch threads; load: {os.getloadavg()}")
     if args.whole_process:
         results = whole_process(args.latent, args.steps)
-        print(f"crdiff generate --controlnet, {args.steps} steps, {8 * args.latent}x{8 * args.latent}, whole process "
-              f"(load included): dense {results['dense']:.1f} s, CR-Diff k={K} {results['dual']:.1f} s "
-              f"({results['dual'] / results['dense']:.2f}x); load: {os.getloadavg()}")
+        short, long = args.steps
+        per_step = {name: (runs[long] - runs[short]) / (long - short) for name, runs in results.items()}
+        ratio = per_step["dual"] / per_step["dense"]
+        print(f"crdiff generate --controlnet, {8 * args.latent}x{8 * args.latent}, whole process at {short} and {long} "
+              f"steps: dense {results['dense'][short]:.1f} / {results['dense'][long]:.1f} s, CR-Diff k={K} "
+              f"{results['dual'][short]:.1f} / {results['dual'][long]:.1f} s; per step dense {per_step['dense']:.2f} s, "
+              f"CR-Diff {per_step['dual']:.2f} s = {ratio:.2f}x (target <= {TARGET}x): "
+              f"{'PASS' if ratio <= TARGET else 'FAIL'}; load: {os.getloadavg()}")
         return
     times = in_process(args.latent, args.rounds)
     base = statistics.median(w for w, _ in times["dense"])
@@ -155,7 +167,7 @@ def main() -> None:
         wall, cpu = statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
         print(f"  {name:9s} {wall:7.2f} s  {cpu:7.2f} s CPU  {wall / base:5.2f}x   runs: "
               + ", ".join(f"{w:.2f}" for w, _ in runs))
-    ratio = statistics.median(w for w, _ in times["dual"]) / base
+    ratio = statistics.median(d / b for (d, _), (b, _) in zip(times["dual"], times["dense"]))
     print(f"dual vs dense with ControlNet: {ratio:.2f}x (target <= {TARGET}x): {'PASS' if ratio <= TARGET else 'FAIL'}"
           f"; load: {os.getloadavg()}")
 

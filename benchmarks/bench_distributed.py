@@ -16,8 +16,7 @@ run) does not count:
 * evaluate: the same for `crdiff evaluate --variants crdiff --metrics tiny --batch-size 1` (one batch of
   one image per rank per round; scores.jsonl appended by rank 0), files and scores.jsonl compared;
 * search: evaluations per hour from the journal (each step's wall time on rank 0, ``seconds.total``),
-  scored with the ``tiny`` scorer (scoring runs on rank 0 and is ~1% of an evaluation with a real
-  reward model on a GPU at 512x512; see docs/distributed.md);
+  scored with the ``tiny`` scorer (each rank scores the images it made; see docs/distributed.md);
 * exchange: the collectives of one search evaluation alone (gather of its images at the benchmark
   resolution, broadcast of the scores), timed in a torchrun worker without any model, against the
   evaluation's time.
@@ -192,7 +191,7 @@ def report_search(args, found: dict, comm: float) -> None:
     print(f"  speed-up {found[2]['evals_per_hour'] / found[1]['evals_per_hour']:.2f}x (target >= 1.8x); "
           f"journals identical: {found[1]['entries'] == found[2]['entries']}")
     print(f"  2-rank evaluation {found[2]['eval_s']:.2f} s vs half the 1-rank one {ideal:.2f} s: overhead "
-          f"{100 * (found[2]['eval_s'] - ideal) / found[2]['eval_s']:.1f}% (exchange, imbalance, serial scoring)")
+          f"{100 * (found[2]['eval_s'] - ideal) / found[2]['eval_s']:.1f}% (exchange, imbalance, re-masking on every rank)")
     print(f"  exchange alone (gather {2 * args.prompts} images of {args.res}, broadcast scores): {1000 * comm:.1f} ms = "
           f"{100 * comm / found[2]['eval_s']:.2f}% of a 2-rank evaluation (target <= 1%)")
 

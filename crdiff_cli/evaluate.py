@@ -13,8 +13,10 @@ Structure (the batches are split across ranks under torchrun, results gathered o
    batch order. A batch is made and scored whole on one rank, so its pixels and scores (which may depend
    on the batch's composition) are those of one process, whatever the number of ranks.
 
-Each variant of a (prompt, seed) has the same seed and settings. With batch size 1 an image is, bit for
-bit, what `crdiff generate` writes with ``--dense``, ``--k 1`` or ``--k K`` (same pixels, same PNG text);
+Each variant of a (prompt, seed) has the same seed and settings. On CPU every image is computed on its
+own (:func:`model_calls`), so whatever the batch size an image is, bit for bit, what `crdiff generate`
+writes with ``--dense``, ``--k 1`` or ``--k K`` (same pixels, same PNG text), and its scores are those of
+batch size 1; on a GPU a batch shares its calls (faster, rounded differently from batch size 1).
 :func:`finalize` then computes FID, the summaries and the paired comparisons from the records.
 """
 
@@ -149,12 +151,17 @@ class Evaluation:
         self.dual.set_spec(self.specs[first.resolution])
         self.dual.k = self.variant_k(first.variant)
         prompts = [self.prompts[item.prompt_index] for item in batch]
-        images = generate_images(self.pipe, prompts, [item.seed for item in batch], settings, on_step)
+        images, scores = [], {m.spec.name: [] for m in self.metrics}
+        for call in model_calls(list(range(len(batch))), self.pipe.device.type):
+            call_prompts = [prompts[i] for i in call]
+            call_images = generate_images(self.pipe, call_prompts, [batch[i].seed for i in call], settings, on_step)
+            for metric in self.metrics:
+                scores[metric.spec.name].extend(metric.score(call_images, call_prompts))
+            images.extend(call_images)
         info = self.image_info(first.resolution, first.variant)
         files = [(item.image, png_bytes(image, image_params(prompt, item.seed, settings, info)))
                  for item, image, prompt in zip(batch, images, prompts)]
         records = []
-        scores = {m.spec.name: m.score(images, prompts) for m in self.metrics}
         for i, item in enumerate(batch):
             base = {"resolution": str(item.resolution), "variant": item.variant, "prompt_index": item.prompt_index,
                     "seed": item.seed, "image": item.image}
@@ -162,6 +169,13 @@ class Evaluation:
                 records.append({**base, "metric": None, "score": None})
             records.extend({**base, "metric": name, "score": values[i]} for name, values in scores.items())
         return files, records
+
+
+def model_calls(indices: list[int], device_type: str) -> list[list[int]]:
+    """The pipeline and metric calls a batch is computed in: the whole batch at once on an accelerator,
+    where batching pays; one image per call on CPU, whose kernels round differently with the batch size,
+    so that on CPU an image and its scores are bit for bit the same whatever ``--batch-size`` is."""
+    return [indices] if device_type != "cpu" else [[i] for i in indices]
 
 
 def record_key(record: dict) -> tuple:

@@ -15,7 +15,12 @@ faulted in again). That is what a caching allocator does: PyTorch's CUDA allocat
 the same way, and jemalloc/tcmalloc keep their own caches. The price is that memory freed after a peak
 stays with the process (up to the trim threshold above the heap's live top) instead of going back to
 the OS between calls. Threads other than the main one may still map blocks above 64 MiB (glibc's
-per-thread heaps are at most that large). Left alone: other C libraries (no ``mallopt``), and a process
+per-thread heaps are at most that large). Not every freed block is reused: PyTorch asks for 64-byte aligned
+blocks, for which glibc requests a little more than the block and gives the small tail back to its
+thread cache, where it keeps the freed block from merging with its neighbour; so one block of one size
+allocated and freed over and over, with nothing else around it, can grow the heap every time. The
+UNet's temporaries reach a steady state after its second call (no fresh pages after that, measured in
+benchmarks/bench_dual_unet.py and tests/test_malloc_tuning.py). Left alone: other C libraries (no ``mallopt``), and a process
 whose user configured glibc malloc through the environment (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``).
 """
 

@@ -46,8 +46,9 @@ def evaluate(
     mask_image: Optional[Path] = typer.Option(None, "--mask-image", help=MASK_IMAGE_HELP),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, pndm, euler, euler-a, dpm++, lms, heun "
                                             "or unipc (default: the model's own)."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Images per pipeline call (and per metric batch). 1 "
-                                   "reproduces `crdiff generate` bit for bit."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images per pipeline call and metric batch on a GPU. "
+                                   "On CPU images are computed one by one whatever B is, so they are bit for bit "
+                                   "what `crdiff generate` writes; there B only sets how often results are saved."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out: skip what scores.jsonl records."),
