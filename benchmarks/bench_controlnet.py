@@ -24,7 +24,8 @@ counts: the difference over the difference in steps is the cost of one step (loa
 
 Usage: python benchmarks/bench_controlnet.py [--latent 32] [--rounds 3]
        python benchmarks/bench_controlnet.py --whole-process [--latent 32] [--steps 2 6]
-Runtime: minutes on 2 free CPU cores; on the shared machine it was measured on, 10-30 minutes each.
+Runtime on 2 otherwise idle CPU cores: about 1.5 minutes at --latent 16 --rounds 5, 3 minutes for
+--whole-process --latent 16 --steps 2 10 (many times longer when other processes share the cores).
 """
 
 from __future__ import annotations

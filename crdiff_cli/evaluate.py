@@ -152,9 +152,9 @@ class Evaluation:
         self.dual.k = self.variant_k(first.variant)
         prompts = [self.prompts[item.prompt_index] for item in batch]
         images, scores = [], {m.spec.name: [] for m in self.metrics}
-        for call in model_calls(list(range(len(batch))), self.pipe.device.type):
-            call_prompts = [prompts[i] for i in call]
-            call_images = generate_images(self.pipe, call_prompts, [batch[i].seed for i in call], settings, on_step)
+        for call in model_calls(batch, self.pipe.device.type):
+            call_prompts = [self.prompts[item.prompt_index] for item in call]
+            call_images = generate_images(self.pipe, call_prompts, [item.seed for item in call], settings, on_step)
             for metric in self.metrics:
                 scores[metric.spec.name].extend(metric.score(call_images, call_prompts))
             images.extend(call_images)
@@ -171,11 +171,11 @@ class Evaluation:
         return files, records
 
 
-def model_calls(indices: list[int], device_type: str) -> list[list[int]]:
+def model_calls(batch: list[WorkItem], device_type: str) -> list[list[WorkItem]]:
     """The pipeline and metric calls a batch is computed in: the whole batch at once on an accelerator,
     where batching pays; one image per call on CPU, whose kernels round differently with the batch size,
     so that on CPU an image and its scores are bit for bit the same whatever ``--batch-size`` is."""
-    return [indices] if device_type != "cpu" else [[i] for i in indices]
+    return [batch] if device_type != "cpu" else [[item] for item in batch]
 
 
 def record_key(record: dict) -> tuple:

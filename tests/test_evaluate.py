@@ -150,8 +150,9 @@ def test_batch_size_changes_nothing_on_cpu(tmp_path, tiny_dirs):
 
 
 def test_batches_share_model_calls_only_off_cpu():
-    assert model_calls([0, 1, 2], "cpu") == [[0], [1], [2]]
-    assert model_calls([0, 1, 2], "cuda") == [[0, 1, 2]]
+    batch = work_items([Resolution(32, 32)], ["crdiff"], 3, [0])
+    assert model_calls(batch, "cpu") == [[item] for item in batch]
+    assert model_calls(batch, "cuda") == [batch]
 
 
 def test_batched_images_have_the_single_image_noise(tiny_dirs):
