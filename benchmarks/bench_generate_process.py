@@ -19,10 +19,15 @@ for a core does not inflate (on a quiet machine wall and CPU ratios agree; on a 
 CPU ratio means anything). Threads: ``OMP_NUM_THREADS`` in the child's
 environment, as a user would set it (torch's own default here is 2, the number of cores).
 
+Limit: the subtraction carries the process-to-process variation of everything before the first step
+(seconds on this machine) into the per-step figure; ``probe_generate_steps.py`` times the steps inside
+one such process, which separates the two (docs/benchmarks.md, "Whole process").
+
 Usage: python benchmarks/bench_generate_process.py [--latents 8 32] [--threads 1 2] [--steps 2 10]
        [--repeats 3] [--variants dense k0 crdiff crdiff-on-the-fly k0-on-the-fly] [--glibc-defaults]
 Runtime on 2 quiet cores: about 1 minute per run at 8x8 and 1 thread, 10 steps; many minutes per
-configuration at 32x32 (a 32x32 CR-Diff step is ~6 s on one thread).
+configuration at 32x32 (a 32x32 CR-Diff step is 12-13 s on one thread here, 2 vs 8 steps with 2
+repetitions about 13 minutes).
 """
 
 from __future__ import annotations
