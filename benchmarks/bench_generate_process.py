@@ -27,7 +27,7 @@ Usage: python benchmarks/bench_generate_process.py [--latents 8 32] [--threads 1
        [--repeats 3] [--variants dense k0 crdiff crdiff-on-the-fly k0-on-the-fly] [--glibc-defaults]
 Runtime on 2 quiet cores: about 1 minute per run at 8x8 and 1 thread, 10 steps; many minutes per
 configuration at 32x32 (a 32x32 CR-Diff step is 12-13 s on one thread here, 2 vs 8 steps with 2
-repetitions about 13 minutes).
+repetitions about 15 minutes on one thread, 9 on two).
 """
 
 from __future__ import annotations

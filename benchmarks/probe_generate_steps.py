@@ -21,6 +21,9 @@ import time
 
 
 def main() -> None:
+    from crdiff_cli.malloc_tuning import reuse_large_blocks
+
+    reuse_large_blocks()  # before the timers' imports load torch, as the console script does (main repeats it)
     import crdiff_cli.dual_unet as dual_unet
     import crdiff_cli.generate as generate
 
