@@ -19,15 +19,28 @@ for a core does not inflate (on a quiet machine wall and CPU ratios agree; on a 
 CPU ratio means anything). Threads: ``OMP_NUM_THREADS`` in the child's
 environment, as a user would set it (torch's own default here is 2, the number of cores).
 
-Limit: the subtraction carries the process-to-process variation of everything before the first step
-(seconds on this machine) into the per-step figure; ``probe_generate_steps.py`` times the steps inside
-one such process, which separates the two (docs/benchmarks.md, "Whole process").
+Page cache: right before each run the model folder's files are read once, so every process finds them in
+the page cache. This machine's kernel pages out memory left unread for a minute (DAMON ``pageout`` on
+physical memory), so without it a process reads some unknown part of the 3.4 GB UNet from disk (a cold read
+of it takes ~10 s, mostly kernel CPU time, a warm one 0.5 s) and that varies between the two processes whose
+difference is the per-step figure. The read changes nothing inside the process but where loading reads
+from; a user generating again with the same model has it cached just the same. Major page faults are
+reported to show it. ``--cold`` leaves the cache as it is, for comparison. The same eviction reaches
+Python's and torch's own files after a pause, so each configuration starts with one unmeasured 1-step
+process (a first process after 15 idle minutes had 400 major faults, and its
+repetition's dense per-step figure came out 40% low in wall time, 13% in CPU time).
 
-Usage: python benchmarks/bench_generate_process.py [--latents 8 32] [--threads 1 2] [--steps 2 10]
-       [--repeats 3] [--variants dense k0 crdiff crdiff-on-the-fly k0-on-the-fly] [--glibc-defaults]
-Runtime on 2 quiet cores: about 1 minute per run at 8x8 and 1 thread, 10 steps; many minutes per
-configuration at 32x32 (a 32x32 CR-Diff step is 12-13 s on one thread here, 2 vs 8 steps with 2
-repetitions about 15 minutes on one thread, 9 on two).
+Limit: the subtraction still carries the process-to-process variation of everything before the first
+step into the per-step figure; ``probe_generate_steps.py`` times the steps inside one such process, which
+separates the two (docs/benchmarks.md, "Whole process").
+
+Usage: python benchmarks/bench_generate_process.py [--latents 8 32] [--threads 1 2] [--steps 2 52]
+       [--repeats 3] [--variants dense k0 crdiff crdiff-on-the-fly k0-on-the-fly] [--glibc-defaults] [--cold]
+Steps: by default 2 and 52 at 8x8, 2 and 12 at larger latents (about a minute of dense steps on one
+thread either way: enough here for repetitions to agree within a few percent, except at 32x32 with
+2 threads, docs/benchmarks.md).
+Runtime on 2 quiet cores, 3 repetitions: 8x8 about 16 minutes per thread count; 32x32 about 27
+minutes on one thread, 20-30 on two (6-10 minutes per repetition).
 """
 
 from __future__ import annotations
@@ -63,8 +76,20 @@ def crdiff_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "crdiff_cli"]
 
 
-def run_once(pipe_dir: Path, latent: int, threads: int, steps: int, flags: list[str], extra_env: dict) -> dict:
-    """One ``crdiff generate`` process: wall s, CPU s, minor faults, peak RSS bytes, load before."""
+def read_into_page_cache(folder: Path) -> None:
+    """Read every file of ``folder`` once, so the next process loads the model from the page cache."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb", buffering=0) as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def run_once(pipe_dir: Path, latent: int, threads: int, steps: int, flags: list[str], extra_env: dict,
+             warm: bool) -> dict:
+    """One ``crdiff generate`` process: wall s, CPU s, minor and major faults, peak RSS bytes, load before."""
+    if warm:
+        read_into_page_cache(pipe_dir)
     out = Path(tempfile.mkdtemp(prefix="crdiff-bench-"))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", **extra_env}
     cmd = [*crdiff_command(), "generate", "--model", str(pipe_dir), "--res", f"{8 * latent}x{8 * latent}",
@@ -80,26 +105,29 @@ def run_once(pipe_dir: Path, latent: int, threads: int, steps: int, flags: list[
     if child.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({child.returncode}):\n{stderr.decode()[-2000:]}")
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "faults": usage.ru_minflt,
-            "rss": usage.ru_maxrss * 1024, "load": load}
+            "major_faults": usage.ru_majflt, "rss": usage.ru_maxrss * 1024, "load": load}
 
 
 def per_step(short: dict, long: dict, steps: tuple[int, int]) -> dict:
     """Cost of one step: the difference between two step counts over the difference in steps."""
     n = steps[1] - steps[0]
     return {key: (long[key] - short[key]) / n for key in ("wall", "cpu", "faults")} | {
-        "rss": max(short["rss"], long["rss"]), "load": (short["load"], long["load"])}
+        "rss": max(short["rss"], long["rss"]), "load": (short["load"], long["load"]),
+        "major_faults": max(short["major_faults"], long["major_faults"])}
 
 
-def measure(pipe_dir, latent, threads, steps, variants, repeats, extra_env) -> dict[str, list[dict]]:
+def measure(pipe_dir, latent, threads, steps, variants, repeats, extra_env, warm) -> dict[str, list[dict]]:
     """Per variant, one per-step record per repetition; variants interleaved, order rotated each repetition."""
     results: dict[str, list[dict]] = {v: [] for v in variants}
+    run_once(pipe_dir, latent, threads, 1, VARIANTS["dense"], extra_env, warm)  # unmeasured: see the docstring
     for rep in range(repeats):
         order = variants[rep % len(variants):] + variants[: rep % len(variants)]
         for name in order:
-            runs = [run_once(pipe_dir, latent, threads, s, VARIANTS[name], extra_env) for s in steps]
+            runs = [run_once(pipe_dir, latent, threads, s, VARIANTS[name], extra_env, warm) for s in steps]
             results[name].append(per_step(*runs, steps))
             print(f"  rep {rep + 1} {name}: {results[name][-1]['wall']:.2f} s/step wall, "
-                  f"{results[name][-1]['cpu']:.2f} s/step CPU, load {runs[0]['load']:.1f}", file=sys.stderr, flush=True)
+                  f"{results[name][-1]['cpu']:.2f} s/step CPU, load {runs[0]['load']:.1f}, "
+                  f"major faults {runs[0]['major_faults']} / {runs[1]['major_faults']}", file=sys.stderr, flush=True)
     return results
 
 
@@ -110,15 +138,16 @@ def report(latent: int, threads: int, results: dict[str, list[dict]], repeats: i
     print(f"\n{latent}x{latent} latent ({8 * latent}x{8 * latent} px), {threads} thread(s), {repeats} repetitions, "
           f"load average {min(loads):.1f}-{max(loads):.1f} before the runs")
     print("\n| variant | wall per step, median | vs --dense (median of per-repetition ratios) | CPU per step, median "
-          "| vs --dense | minor faults per step | peak RSS | target |")
+          "| vs --dense (range over repetitions) | minor faults per step | peak RSS | target |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     checks = []
     for name, runs in results.items():
         wall = statistics.median(r["wall"] / d["wall"] for r, d in zip(runs, dense))
-        cpu = statistics.median(r["cpu"] / d["cpu"] for r, d in zip(runs, dense))
+        cpu_ratios = [r["cpu"] / d["cpu"] for r, d in zip(runs, dense)]
+        cpu = statistics.median(cpu_ratios)
         target = TARGETS.get(name)
         print(f"| `{' '.join(VARIANTS[name])}` | {statistics.median(r['wall'] for r in runs):.2f} s | {wall:.2f}x | "
-              f"{statistics.median(r['cpu'] for r in runs):.2f} s | {cpu:.2f}x | "
+              f"{statistics.median(r['cpu'] for r in runs):.2f} s | {cpu:.2f}x ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}) | "
               f"{statistics.median(r['faults'] for r in runs):,.0f} | {max(r['rss'] for r in runs) / 2**30:.2f} GiB | "
               f"{f'<= {target}x' if target else ''} |")
         if target:
@@ -131,11 +160,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--latents", type=int, nargs="+", default=[8, 32], help="latent sides (image = 8x)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--steps", type=int, nargs=2, default=[2, 10], help="the two step counts")
+    p.add_argument("--steps", type=int, nargs=2, help="the two step counts (default: 2 52 at 8x8, 2 12 above)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=["dense", "k0", "crdiff"], choices=list(VARIANTS))
     p.add_argument("--glibc-defaults", action="store_true",
                    help="run crdiff with glibc malloc's defaults (as before malloc tuning), for comparison")
+    p.add_argument("--cold", action="store_true",
+                   help="leave the page cache as it is (do not read the model into it before each run)")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("CRDIFF_CACHE", Path.home() / ".cache/crdiff"))
                    / "bench-search")
     args = p.parse_args()
@@ -146,13 +177,15 @@ def main() -> None:
 
     pipe_dir = build_pipeline(args.workdir)
     print("$ python benchmarks/bench_generate_process.py " + " ".join(sys.argv[1:]))
-    print(f"crdiff: {' '.join(crdiff_command())}; {os.cpu_count()} CPU cores; steps {args.steps[0]} and "
-          f"{args.steps[1]}; glibc malloc {'at its defaults' if args.glibc_defaults else 'as crdiff sets it'}")
+    print(f"crdiff: {' '.join(crdiff_command())}; {os.cpu_count()} CPU cores; glibc malloc {'at its defaults' if args.glibc_defaults else 'as crdiff sets it'}; "
+          f"model {'left as the page cache has it' if args.cold else 'read into the page cache before each run'}")
     checks = []
     for latent in args.latents:
+        steps = tuple(args.steps or ((2, 52) if latent <= 8 else (2, 12)))
+        print(f"{latent}x{latent} latent: steps {steps[0]} and {steps[1]}")
         for threads in args.threads:
-            results = measure(pipe_dir, latent, threads, tuple(args.steps), args.variants, args.repeats,
-                              GLIBC_DEFAULTS if args.glibc_defaults else {})
+            results = measure(pipe_dir, latent, threads, steps, args.variants, args.repeats,
+                              GLIBC_DEFAULTS if args.glibc_defaults else {}, not args.cold)
             checks += report(latent, threads, results, args.repeats)
     print()
     for text, passed in checks:

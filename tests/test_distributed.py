@@ -25,8 +25,12 @@ SEARCH = ["search", "--model", "tiny", "--res", "32x32", "--scorer", "tiny", "--
 
 
 def env(tiny_dirs) -> dict:
-    return {**os.environ, "CRDIFF_CACHE": str(tiny_dirs["tiny"].parents[1]), "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1"}
+    """The children's environment. TMPDIR inside the session cache: torchrun leaves a ``torchelastic_*``
+    log folder in the temporary directory on every launch, and the session cache is removed at the end."""
+    cache = tiny_dirs["tiny"].parents[1]
+    (cache / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "CRDIFF_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "TMPDIR": str(cache / "tmp")}
 
 
 def torchrun_cmd(*args) -> list[str]:
