@@ -112,8 +112,7 @@ def per_step(short: dict, long: dict, steps: tuple[int, int]) -> dict:
     """Cost of one step: the difference between two step counts over the difference in steps."""
     n = steps[1] - steps[0]
     return {key: (long[key] - short[key]) / n for key in ("wall", "cpu", "faults")} | {
-        "rss": max(short["rss"], long["rss"]), "load": (short["load"], long["load"]),
-        "major_faults": max(short["major_faults"], long["major_faults"])}
+        "rss": max(short["rss"], long["rss"]), "load": (short["load"], long["load"])}
 
 
 def measure(pipe_dir, latent, threads, steps, variants, repeats, extra_env, warm) -> dict[str, list[dict]]:
@@ -177,7 +176,8 @@ def main() -> None:
 
     pipe_dir = build_pipeline(args.workdir)
     print("$ python benchmarks/bench_generate_process.py " + " ".join(sys.argv[1:]))
-    print(f"crdiff: {' '.join(crdiff_command())}; {os.cpu_count()} CPU cores; glibc malloc {'at its defaults' if args.glibc_defaults else 'as crdiff sets it'}; "
+    print(f"crdiff: {' '.join(crdiff_command())}; {os.cpu_count()} CPU cores; "
+          f"glibc malloc {'at its defaults' if args.glibc_defaults else 'as crdiff sets it'}; "
           f"model {'left as the page cache has it' if args.cold else 'read into the page cache before each run'}")
     checks = []
     for latent in args.latents:
