@@ -64,8 +64,8 @@ def load_dense(workdir: Path):
 
 
 def spec_of(unet):
-    from crdiff_cli.profile_table import get_profile
-    from crdiff_cli.prune_spec import PruneSpec
+    from crdiff_cli.pruning.profile_table import get_profile
+    from crdiff_cli.pruning.spec import PruneSpec
 
     return PruneSpec.from_unet(unet, get_profile(PROFILE).ratios)
 
@@ -74,7 +74,7 @@ def spec_of(unet):
 
 def child_bake(workdir: Path, suffix: str) -> dict:
     from crdiff_cli.exporters.bake import bake
-    from crdiff_cli.resolution import Resolution
+    from crdiff_cli.pruning.resolution import Resolution
 
     unet = load_dense(workdir)
     start = time.perf_counter()
@@ -127,7 +127,7 @@ def child_latency(workdir: Path, variant: str, repeats: int) -> dict:
 
     start = time.perf_counter()
     if variant == "pytorch":
-        from crdiff_cli.dual_unet import DualUNet
+        from crdiff_cli.dual.unet import DualUNet
         from crdiff_cli.exporters.validate import unet_call
 
         unet = load_dense(workdir)

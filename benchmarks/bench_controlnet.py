@@ -12,7 +12,7 @@ its residuals. Variants, timed back to back in rounds so that load from other pr
 
 Weights are random (seeded) in the real SD1.5 UNet architecture; the ControlNet is
 ``ControlNetModel.from_unet`` of it (the SD1.5 ControlNet architecture), with seeded output convolutions.
-glibc malloc is set up as the ``crdiff`` CLI sets it at start-up (``crdiff_cli.malloc_tuning``), and no
+glibc malloc is set up as the ``crdiff`` CLI sets it at start-up (``crdiff_cli.runtime.malloc_tuning``), and no
 other allocator or thread setting is changed. Per variant the median wall time and the median process
 CPU time (``time.process_time``, all threads) are reported; the ratio is the median over rounds of the
 per-round ``dual / dense`` wall times.
@@ -43,10 +43,10 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from crdiff_cli.dual_unet import DualUNet
-from crdiff_cli.malloc_tuning import reuse_large_blocks
-from crdiff_cli.profile_table import get_profile
-from crdiff_cli.prune_spec import PruneSpec
+from crdiff_cli.dual.unet import DualUNet
+from crdiff_cli.runtime.malloc_tuning import reuse_large_blocks
+from crdiff_cli.pruning.profile_table import get_profile
+from crdiff_cli.pruning.spec import PruneSpec
 
 SD15_CONFIG = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
                    block_out_channels=(320, 640, 1280, 1280))  # the rest are diffusers' defaults (SD1.5's)
@@ -108,7 +108,7 @@ def whole_process(latent: int, steps: list[int]) -> dict[str, dict[int, float]]:
     from PIL import Image
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from crdiff_cli.tiny import clip_tokenizer
+    from crdiff_cli.pipelines.tiny import clip_tokenizer
 
     unet, controlnet = build()
     tokenizer = clip_tokenizer()

@@ -48,7 +48,7 @@ EXCHANGE_WORKER = '''
 import sys, time
 import numpy as np
 from PIL import Image
-from crdiff_cli.distributed import start
+from crdiff_cli.runtime.distributed import start
 
 height, width, images, repeats = (int(x) for x in sys.argv[1:5])
 ranks = start("cpu")

@@ -23,7 +23,7 @@ timed in that round (dense pass / plain UNet, dual step / dense pass) and report
 variant the median and best wall time and the median CPU time of the process (``time.process_time``,
 which leaves out time spent waiting for a core) are reported. Attaching (making the mask copies) is not
 timed: it happens once per model load. The process sets glibc malloc up exactly as the ``crdiff`` CLI does
-at start-up (``crdiff_cli.malloc_tuning.reuse_large_blocks``), and nothing else; ``--glibc-defaults``
+at start-up (``crdiff_cli.runtime.malloc_tuning.reuse_large_blocks``), and nothing else; ``--glibc-defaults``
 leaves malloc at glibc's defaults instead (what a Python user importing crdiff gets), for comparison.
 ``bench_generate_process.py`` measures the same ratios on the ``crdiff generate`` process itself.
 
@@ -48,12 +48,12 @@ import time
 import torch
 from diffusers import UNet2DConditionModel
 
-from crdiff_cli.dual_unet import MASK_MODES, DualUNet, resident_bytes
-from crdiff_cli.malloc_tuning import reuse_large_blocks
-from crdiff_cli.prune_spec import pruned_weight
-from crdiff_cli.profile_table import get_profile
-from crdiff_cli.prune_spec import PruneSpec
-from crdiff_cli.targets import target_weights
+from crdiff_cli.dual.unet import MASK_MODES, DualUNet, resident_bytes
+from crdiff_cli.runtime.malloc_tuning import reuse_large_blocks
+from crdiff_cli.pruning.spec import pruned_weight
+from crdiff_cli.pruning.profile_table import get_profile
+from crdiff_cli.pruning.spec import PruneSpec
+from crdiff_cli.pruning.targets import target_weights
 
 SD15_CONFIG = dict(  # diffusers' UNet2DConditionModel defaults are SD1.5's, except these
     sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,

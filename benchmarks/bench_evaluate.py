@@ -42,9 +42,9 @@ def command(pipe_dir, clip_dir, prompts_file, out, args, batch_size) -> list[str
 def in_process(pipe_dir, clip_dir, prompts_file, tmp: Path, args, batch_size: int) -> dict:
     from typer.testing import CliRunner
 
-    import crdiff_cli.eval_metrics as metrics
-    import crdiff_cli.evaluate as evaluate
-    import crdiff_cli.generate as generate
+    import crdiff_cli.evaluation.metrics as metrics
+    import crdiff_cli.evaluation.protocol as evaluate
+    import crdiff_cli.pipelines.generation as generate
     from crdiff_cli.cli import app
 
     spent = {"generate": 0.0, "score": 0.0, "run": 0.0, "finish": 0.0}

@@ -65,7 +65,7 @@ VARIANTS = {
     "crdiff-on-the-fly": ["--ratios", RATIOS, "--masks", "on-the-fly"],
 }
 TARGETS = {"k0": 1.05, "crdiff": 2.05, "k0-on-the-fly": 1.05, "crdiff-on-the-fly": 2.05}
-# GLIBC_TUNABLES set to glibc's own default makes crdiff leave malloc alone (crdiff_cli.malloc_tuning):
+# GLIBC_TUNABLES set to glibc's own default makes crdiff leave malloc alone (crdiff_cli.runtime.malloc_tuning):
 # the process then allocates as it did before crdiff tuned it.
 GLIBC_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"}
 

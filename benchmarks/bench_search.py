@@ -16,7 +16,7 @@ for ImageReward (BLIP ViT-L + BERT-base, ~450M): ``clip:FOLDER`` with a random C
 with crdiff's byte-level vocabulary), saved with ``save_pretrained``. Both are written once to
 ``--workdir`` (~5.1 GB) and reused.
 
-Both loops run the same generation (crdiff_cli.generate.generate_image) and scoring code on the same
+Both loops run the same generation (crdiff_cli.pipelines.generation.generate_image) and scoring code on the same
 candidates, one image per evaluation (one prompt, the reference image seed 24432), so they differ
 only in what happens around them. Each side runs in its own fresh process.
 
@@ -60,7 +60,7 @@ def build_pipeline(workdir: Path) -> Path:
         from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from crdiff_cli.tiny import clip_tokenizer
+        from crdiff_cli.pipelines.tiny import clip_tokenizer
 
         torch.manual_seed(0)
         tok = clip_tokenizer()
@@ -85,7 +85,7 @@ def build_scorer(workdir: Path) -> Path:
         from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
         from crdiff_cli.scorers.clip import _image_processor_class
-        from crdiff_cli.tiny import clip_tokenizer
+        from crdiff_cli.pipelines.tiny import clip_tokenizer
 
         torch.manual_seed(1)
         tok = clip_tokenizer()
@@ -103,15 +103,15 @@ def build_scorer(workdir: Path) -> Path:
 
 
 def ours(args) -> dict:
-    """One process: load once, then a search of ``evals`` evaluations through crdiff_cli.search."""
+    """One process: load once, then a search of ``evals`` evaluations through crdiff_cli.search.runner."""
     import torch
 
-    from crdiff_cli.annealing import AnnealConfig
-    from crdiff_cli.generate import GenerationSettings
-    from crdiff_cli.models import load_model
-    from crdiff_cli.resolution import Resolution
+    from crdiff_cli.search.annealing import AnnealConfig
+    from crdiff_cli.pipelines.generation import GenerationSettings
+    from crdiff_cli.pipelines.loading import load_model
+    from crdiff_cli.pruning.resolution import Resolution
     from crdiff_cli.scorers import load_scorer
-    from crdiff_cli.search import SearchPlan, search
+    from crdiff_cli.search.runner import SearchPlan, search
 
     t0 = time.perf_counter()
     loaded = load_model(args.pipe)
@@ -141,13 +141,13 @@ def schedule(loaded, seed: int) -> list[tuple[float, float]]:
     windows miss most; this replays a whole default annealing run on the same UNet with a synthetic
     energy (a bowl around Table 6's sd15@512x512 ratios) to get the cost over a complete search.
     """
-    from crdiff_cli.annealing import AnnealConfig, anneal
-    from crdiff_cli.generate import attach_dual
-    from crdiff_cli.ratios import Ratios
-    from crdiff_cli.search_thresholds import search_stats
+    from crdiff_cli.search.annealing import AnnealConfig, anneal
+    from crdiff_cli.dual.apply import apply_crdiff
+    from crdiff_cli.pruning.ratios import Ratios
+    from crdiff_cli.search.thresholds import search_stats
 
     stats = search_stats(loaded.unet)
-    dual = attach_dual(loaded, stats.spec(Ratios(0.3, 0.3, 0.3)), 1.0)
+    dual = apply_crdiff(loaded.pipe, stats.spec(Ratios(0.3, 0.3, 0.3)), k=1.0)
     seconds = []
 
     def energy(candidate):
@@ -169,11 +169,11 @@ def reference_eval(args) -> dict:
     import torch
     from diffusers import DiffusionPipeline
 
-    from crdiff_cli.generate import GenerationSettings, generate_image
-    from crdiff_cli.ratios import Ratios
-    from crdiff_cli.resolution import Resolution
+    from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
+    from crdiff_cli.pruning.ratios import Ratios
+    from crdiff_cli.pruning.resolution import Resolution
     from crdiff_cli.scorers import load_scorer
-    from crdiff_cli.targets import target_weights
+    from crdiff_cli.pruning.targets import target_weights
 
     t1 = time.perf_counter()
     dense = DiffusionPipeline.from_pretrained(args.pipe)
@@ -245,7 +245,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.child:
         if args.child == "ours":  # as `crdiff search` starts (the reference-style loop keeps glibc's defaults)
-            from crdiff_cli.malloc_tuning import reuse_large_blocks
+            from crdiff_cli.runtime.malloc_tuning import reuse_large_blocks
 
             reuse_large_blocks()
         print(json.dumps(ours(args) if args.child == "ours" else reference_eval(args)))

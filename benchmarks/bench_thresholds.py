@@ -3,7 +3,7 @@
 Compares, for CR-Diff's three pruning groups (down/mid/up):
 
   (a) baseline  per group ``torch.cat([w.abs().flatten() ...]).kthvalue(m)`` (concatenate + clone + kthvalue)
-  (b) ours      ``PruneStats(unet).spec(ratios)`` (streaming radix select, crdiff_cli.selection)
+  (b) ours      ``PruneStats(unet).spec(ratios)`` (streaming radix select, crdiff_cli.pruning.selection)
   (c) cached    ``stats.spec(other_ratios)`` on an existing PruneStats: the case a ratio search hits
                 once per candidate (each new ratio set needs only the second radix pass)
 
@@ -123,9 +123,9 @@ def baseline_thresholds(weights, ratios) -> dict:
 def worker(method: str, args) -> dict:
     import torch
 
-    from crdiff_cli.profile_table import get_profile
-    from crdiff_cli.prune_spec import PruneStats
-    from crdiff_cli.targets import target_weights
+    from crdiff_cli.pruning.profile_table import get_profile
+    from crdiff_cli.pruning.spec import PruneStats
+    from crdiff_cli.pruning.targets import target_weights
 
     if args.threads:
         torch.set_num_threads(args.threads)

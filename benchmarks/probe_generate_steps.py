@@ -21,11 +21,11 @@ import time
 
 
 def main() -> None:
-    from crdiff_cli.malloc_tuning import reuse_large_blocks
+    from crdiff_cli.runtime.malloc_tuning import reuse_large_blocks
 
     reuse_large_blocks()  # before the timers' imports load torch, as the console script does (main repeats it)
-    import crdiff_cli.dual_unet as dual_unet
-    import crdiff_cli.generate as generate
+    import crdiff_cli.dual.unet as dual_unet
+    import crdiff_cli.pipelines.generation as generate
 
     stamps: list[float] = []
     pruned_passes: list[float] = []

@@ -1,7 +1,7 @@
 """Checks of user input shared by every command: finite numbers, prompts, devices.
 
 Each raises a one-line :class:`CrdiffError` (exit 2) and runs before any model is loaded.
-:func:`crdiff_cli.cli_shared.command` applies :func:`check_finite` to every float flag of every command,
+:func:`crdiff_cli.cli.shared.command` applies :func:`check_finite` to every float flag of every command,
 so a command only calls :func:`check_prompt` and :func:`check_device` itself.
 """
 
@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 
-from crdiff_cli.errors import CrdiffError
+from crdiff_cli.errors import CrdiffError, ParameterError
 
 
-def check_finite(flag: str, value: float) -> float:
-    """Refuse NaN and infinities (``--guidance nan`` would silently disable guidance and break JSON)."""
+def check_finite(param: str, value: float) -> float:
+    """Refuse NaN and infinities (``guidance=nan`` would silently disable guidance and break JSON).
+
+    ``param`` is the parameter's name; the CLI shows its flag (:class:`ParameterError`).
+    """
     if not math.isfinite(value):
-        raise CrdiffError(f"{flag} {value}: must be a finite number")
+        raise ParameterError(param, value, "must be a finite number")
     return value
 
 

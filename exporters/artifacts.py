@@ -1,7 +1,7 @@
 """Artifacts by path: their format, their metadata, and putting one into a loaded pipeline.
 
 A ``.safetensors`` artifact runs on the live PyTorch path (its dense UNet rebuilt from the file, the
-pruned twin from its thresholds, a :class:`~crdiff_cli.dual_unet.DualUNet` over both), so k and the
+pruned twin from its thresholds, a :class:`~crdiff_cli.dual.unet.DualUNet` over both), so k and the
 ratios can still be changed; a ``.onnx`` artifact runs through ONNX Runtime with k and the thresholds
 folded into the graph. Either way the text encoders, tokenizers, VAE and scheduler come from the
 base pipeline, whose UNet config must be the artifact's.
@@ -48,12 +48,12 @@ def output_files(path: Path) -> list[Path]:
 
 
 def check_outputs(path: Path, overwrite: bool) -> None:
-    """:func:`~crdiff_cli.atomic.check_output` for every file of an artifact at ``path``.
+    """:func:`~crdiff_cli.storage.atomic.check_output` for every file of an artifact at ``path``.
 
     ``--overwrite`` replaces only a crdiff artifact (its metadata says so); the ONNX sidecar
     ``NAME.onnx.data`` counts as crdiff's when ``NAME.onnx`` is.
     """
-    from crdiff_cli.atomic import OutputKind, check_output
+    from crdiff_cli.storage.atomic import OutputKind, check_output
 
     def is_artifact(_file: Path) -> bool:
         try:
@@ -102,7 +102,7 @@ def check_run_options(path: Path, meta: ArtifactMetadata, *, k: float | None, ra
                       fold_masks: bool = True) -> None:
     """Refuse, before anything is loaded, generate options that the artifact at ``path`` cannot honour.
 
-    ``ratios`` is a :class:`~crdiff_cli.ratios.Ratios` or None; ``dtype`` a torch dtype name or None.
+    ``ratios`` is a :class:`~crdiff_cli.pruning.ratios.Ratios` or None; ``dtype`` a torch dtype name or None.
     """
     if dense:
         raise CrdiffError("--dense runs the base model as it is; drop --artifact or --dense")
@@ -145,12 +145,12 @@ def attach_artifact(loaded, path: Path, meta: ArtifactMetadata, *, k: float | No
         return None, {**info, "k": meta.k, "ratios": str(meta.spec.ratios), "thresholds": meta.spec.thresholds(),
                       "provider": session.get_providers()[0], "ort_fold_masks": fold_masks}
     from crdiff_cli.exporters.safetensors_artifact import load_safetensors_unet
-    from crdiff_cli.generate import attach_dual
-    from crdiff_cli.prune_spec import PruneSpec
+    from crdiff_cli.dual.apply import apply_crdiff
+    from crdiff_cli.pruning.spec import PruneSpec
 
     unet, meta = load_safetensors_unet(path)
     loaded.pipe.unet = unet.to(loaded.unet.device)
     spec = meta.spec if ratios is None or ratios == meta.spec.ratios else PruneSpec.from_unet(unet, ratios)
     k = meta.k if k is None else k
-    dual = attach_dual(loaded, spec, k, masks)
+    dual = apply_crdiff(loaded.pipe, spec, k=k, masks=masks)
     return dual, {**info, "k": k, "ratios": str(spec.ratios), "thresholds": spec.thresholds(), "masks": masks}

@@ -15,16 +15,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from crdiff_cli.atomic import share, staging
+from crdiff_cli.storage.atomic import share, staging
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.exporters.artifacts import check_outputs, format_of, output_files
 from crdiff_cli.exporters.metadata import ArtifactMetadata
 from crdiff_cli.exporters.onnx_artifact import DEFAULT_OPSET
 from crdiff_cli.exporters.validate import (TOLERANCES, VerificationError, VerificationReport, unet_call,
                                            validate_model_outputs, verification_cases)
-from crdiff_cli.prune_spec import PruneSpec
-from crdiff_cli.resolution import Resolution
-from crdiff_cli.targets import require_plain
+from crdiff_cli.pruning.spec import PruneSpec
+from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.pruning.targets import require_plain
 
 
 @dataclass
@@ -49,7 +49,7 @@ def bake(unet, spec: PruneSpec, *, k: float, resolution: Resolution, family: str
     """Bake the plain diffusers ``unet`` with ``spec`` and ``k`` into ``out`` (.safetensors or .onnx).
 
     ``verify`` compares the written artifact with ``reference`` (default: the live
-    :class:`~crdiff_cli.dual_unet.DualUNet` of ``unet``, ``spec`` and ``k``) and raises a
+    :class:`~crdiff_cli.dual.unet.DualUNet` of ``unet``, ``spec`` and ``k``) and raises a
     :class:`~crdiff_cli.exporters.validate.VerificationError` on a mismatch, in which case nothing is
     written. A UNet with PEFT adapter layers is refused (fuse and unload the LoRA first).
     ``external_data`` (ONNX) forces or forbids the external weights file; None decides by size.
@@ -96,7 +96,7 @@ def verify_artifact(path: Path, unet, meta: ArtifactMetadata, reference=None) ->
     The metadata must round-trip exactly; for ONNX the file must also pass ``onnx.checker`` and store
     no more weight bytes than the UNet has (no second copy). ONNX runs on ONNX Runtime's CPU provider.
     """
-    from crdiff_cli.dual_unet import DualUNet
+    from crdiff_cli.dual.unet import DualUNet
 
     candidate, release = _load_candidate(Path(path), meta, unet)
     live = reference if reference is not None else DualUNet(unet, meta.spec, meta.k)
@@ -112,7 +112,7 @@ def verify_artifact(path: Path, unet, meta: ArtifactMetadata, reference=None) ->
 def _load_candidate(path: Path, meta: ArtifactMetadata, unet):
     """``(run, release)`` for the artifact at ``path``, after the structural checks."""
     if format_of(path) == "safetensors":
-        from crdiff_cli.dual_unet import DualUNet
+        from crdiff_cli.dual.unet import DualUNet
         from crdiff_cli.exporters.safetensors_artifact import load_safetensors_unet
 
         loaded_unet, loaded_meta = load_safetensors_unet(path)

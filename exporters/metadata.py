@@ -1,6 +1,6 @@
 """What every crdiff artifact says about itself: a flat ``{str: str}`` table shared by both formats.
 
-A baked dual UNet is the dense weights plus a :class:`~crdiff_cli.prune_spec.PruneSpec` plus ``k``
+A baked dual UNet is the dense weights plus a :class:`~crdiff_cli.pruning.spec.PruneSpec` plus ``k``
 (DESIGN §1: the pruned twin is fully determined by the dense weights, the target rule and three
 thresholds). The same table goes into a safetensors header (``__metadata__``) and into an ONNX
 model's ``metadata_props``, so one reader serves both formats and another runtime needs nothing but
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from crdiff_cli import __version__
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.prune_spec import GroupSpec, PruneSpec
-from crdiff_cli.ratios import GROUPS, Ratios
-from crdiff_cli.resolution import Resolution
+from crdiff_cli.pruning.spec import GroupSpec, PruneSpec
+from crdiff_cli.pruning.ratios import GROUPS, Ratios
+from crdiff_cli.pruning.resolution import Resolution
 
 FORMAT = "crdiff-dual-unet"
 FORMAT_VERSION = 1
@@ -52,7 +52,7 @@ class ArtifactMetadata:
     @classmethod
     def describe(cls, unet, spec: PruneSpec, k: float, resolution: Resolution, family: str) -> "ArtifactMetadata":
         """The metadata of baking the plain (unparametrized) ``unet`` with ``spec`` and ``k``."""
-        from crdiff_cli.prune_spec import check_matches
+        from crdiff_cli.pruning.spec import check_matches
 
         names = {g: [name for name, _ in ws] for g, ws in check_matches(unet, spec).items()}
         return cls(spec=spec, k=float(k), resolution=resolution, family=family,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.exporters.metadata import ArtifactError, ArtifactMetadata
-from crdiff_cli.models import _first_line
+from crdiff_cli.errors import first_line
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention needs 14
@@ -114,13 +114,13 @@ def _write_external(tensors, scratch: Path, target: Path) -> tuple[str, int]:
 def check_external_data(path: Path) -> None:
     """Refuse an artifact whose external weights file differs from the SHA-256 recorded at bake time.
 
-    Hashing gigabytes takes seconds, so a verified digest is cached (:mod:`crdiff_cli.digest_cache`)
+    Hashing gigabytes takes seconds, so a verified digest is cached (:mod:`crdiff_cli.storage.digest_cache`)
     under the file's size and modification time: an untouched file is checked by ``stat`` alone.
     Artifacts baked before the digest was recorded, and inline ones, have nothing to check here.
     """
     import onnx
 
-    from crdiff_cli.digest_cache import file_sha256
+    from crdiff_cli.storage.digest_cache import file_sha256
 
     model = onnx.load(str(path), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
@@ -151,7 +151,7 @@ def read_onnx_metadata(path: Path) -> ArtifactMetadata:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
-        raise ArtifactError(f"{path} is not a readable ONNX model ({_first_line(exc)}); it may be truncated "
+        raise ArtifactError(f"{path} is not a readable ONNX model ({first_line(exc)}); it may be truncated "
                             "or corrupt") from None
     return ArtifactMetadata.from_strings({p.key: p.value for p in model.metadata_props}, str(path))
 
@@ -177,4 +177,4 @@ def check_onnx(path: Path) -> None:
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise ArtifactError(f"{path} fails the ONNX checker ({_first_line(exc)})") from None
+        raise ArtifactError(f"{path} fails the ONNX checker ({first_line(exc)})") from None

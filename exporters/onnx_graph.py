@@ -22,10 +22,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from crdiff_cli.dual_unet import Branch
+from crdiff_cli.dual.unet import Branch
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.prune_spec import PruneSpec, check_matches
-from crdiff_cli.targets import group_of, require_plain
+from crdiff_cli.pruning.spec import PruneSpec, check_matches
+from crdiff_cli.pruning.targets import group_of, require_plain
 
 OUTPUT = "out_sample"
 
@@ -96,7 +96,7 @@ class _MatMulLinear(nn.Module):
 class DualGraph(nn.Module):
     """``e_d + k (e_p - e_d)`` over one UNet, written so that tracing yields the shared-weight graph.
 
-    The combination follows ``torch.lerp`` (what the live :class:`~crdiff_cli.dual_unet.DualUNet`
+    The combination follows ``torch.lerp`` (what the live :class:`~crdiff_cli.dual.unet.DualUNet`
     uses) formula for formula: ``e_d + k (e_p - e_d)`` for ``|k| < 0.5``, else
     ``e_p - (e_p - e_d)(1 - k)``; ``k = 0`` exports the dense UNet alone, ``k = 1`` the pruned one.
     """

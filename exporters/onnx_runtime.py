@@ -20,7 +20,7 @@ from torch import nn
 
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.exporters.metadata import ArtifactError, ArtifactMetadata
-from crdiff_cli.models import _first_line
+from crdiff_cli.errors import first_line
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
@@ -65,7 +65,7 @@ def open_session(path: Path, *, provider: str | None = None, fold_masks: bool = 
     try:
         return ort.InferenceSession(str(path), session_options(fold_masks, threads), providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
-        raise ArtifactError(f"ONNX Runtime cannot load {path} ({_first_line(exc)}); the file or its "
+        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first_line(exc)}); the file or its "
                             f"{Path(path).name}.data may be truncated or corrupt") from None
 
 

@@ -13,16 +13,14 @@ from pathlib import Path
 
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.exporters.metadata import ArtifactError, ArtifactMetadata, weights_sha256
-from crdiff_cli.models import _first_line
+from crdiff_cli.errors import first_line
 
 
 def save_safetensors(unet, meta: ArtifactMetadata, path: Path) -> None:
     """Write ``unet``'s dense weights and ``meta`` to ``path`` (the caller makes it atomic)."""
     from safetensors.torch import save_file
 
-    state = unet.state_dict()
-    if any(".parametrizations." in name for name in state):
-        raise CrdiffError("the UNet is wrapped by a DualUNet; bake the plain UNet (DualUNet.release() first)")
+    state = unet._modules.get("unet", unet).state_dict()  # a DualUNet's UNet: its state is the dense one
     save_file({name: t.contiguous() for name, t in state.items()}, str(path), metadata={"format": "pt", **meta.to_strings()})
 
 
@@ -34,7 +32,7 @@ def read_safetensors_metadata(path: Path) -> ArtifactMetadata:
         with safe_open(str(path), "pt") as f:
             table = f.metadata()
     except Exception as exc:  # safetensors raises its own error types for damaged headers
-        raise ArtifactError(f"{path} is not a readable safetensors file ({_first_line(exc)}); it may be "
+        raise ArtifactError(f"{path} is not a readable safetensors file ({first_line(exc)}); it may be "
                             "truncated or corrupt") from None
     return ArtifactMetadata.from_strings(table, str(path))
 
@@ -49,7 +47,7 @@ def load_safetensors_unet(path: Path, *, check_hash: bool = True):
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise ArtifactError(f"cannot read the weights in {path} ({_first_line(exc)}); it may be truncated") from None
+        raise ArtifactError(f"cannot read the weights in {path} ({first_line(exc)}); it may be truncated") from None
     if check_hash and weights_sha256(state) != meta.base_unet_sha256:
         raise ArtifactError(f"the weights in {path} do not match the SHA-256 in its metadata; the file is corrupt")
     with torch.device("meta"):
@@ -57,14 +55,14 @@ def load_safetensors_unet(path: Path, *, check_hash: bool = True):
     try:
         unet.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise ArtifactError(f"the weights in {path} do not fit its UNet config ({_first_line(exc)})") from None
+        raise ArtifactError(f"the weights in {path} do not fit its UNet config ({first_line(exc)})") from None
     check_targets(unet, meta, path)
     return unet.eval().requires_grad_(False), meta
 
 
 def check_targets(unet, meta: ArtifactMetadata, origin) -> None:
     """Refuse an artifact whose listed target weights differ from what the target rule finds in ``unet``."""
-    from crdiff_cli.targets import target_weights
+    from crdiff_cli.pruning.targets import target_weights
 
     found = {g: [name for name, _ in ws] for g, ws in target_weights(unet).items()}
     if found != meta.target_names:

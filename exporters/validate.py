@@ -17,7 +17,7 @@ import torch
 
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.exporters.onnx_graph import example_inputs
-from crdiff_cli.resolution import Resolution
+from crdiff_cli.pruning.resolution import Resolution
 
 TOLERANCES = {"float32": 1e-4, "float16": 1e-2}
 VAE_SCALE = 8  # latent pixels per image pixel in SD1.x/2.x/XL (and the tiny models)

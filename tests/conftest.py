@@ -46,7 +46,7 @@ def crdiff_cache() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dirs(crdiff_cache) -> dict[str, Path]:
     """``{"tiny": folder, "tiny-sdxl": folder}``: the tiny pipelines, built once per session."""
-    from crdiff_cli.tiny import tiny_model_path
+    from crdiff_cli.pipelines.tiny import tiny_model_path
 
     return {name: tiny_model_path(name) for name in TINY_NAMES}
 
@@ -54,7 +54,7 @@ def tiny_dirs(crdiff_cache) -> dict[str, Path]:
 @pytest.fixture
 def load_tiny(tiny_dirs):
     """``load_tiny(name, dtype="fp32")``: a fresh, independently mutable LoadedModel of a tiny model."""
-    from crdiff_cli.models import load_model
+    from crdiff_cli.pipelines.loading import load_model
 
     def load(name: str = "tiny", dtype: str = "fp32"):
         return load_model(name, dtype=dtype)
@@ -65,6 +65,6 @@ def load_tiny(tiny_dirs):
 @pytest.fixture(scope="session")
 def tiny_readonly(tiny_dirs):
     """Session-shared LoadedModels of both tiny models. Do not mutate them: use ``load_tiny`` for that."""
-    from crdiff_cli.models import load_model
+    from crdiff_cli.pipelines.loading import load_model
 
     return {name: load_model(name) for name in TINY_NAMES}

@@ -1,4 +1,4 @@
-"""Unit tests for crdiff_cli.annealing (simulated annealing, CR-Diff Algorithm 1)."""
+"""Unit tests for crdiff_cli.search.annealing (simulated annealing, CR-Diff Algorithm 1)."""
 import json
 import math
 import os
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from reference_loop import reference_search
 
-from crdiff_cli.annealing import AnnealConfig, AnnealState, anneal, initial_state, step
-from crdiff_cli.search import cache_key
+from crdiff_cli.search.annealing import AnnealConfig, AnnealState, anneal, initial_state, step
+from crdiff_cli.search.runner import cache_key
 
 NEAR = (0.38, 0.25, 0.42)  # within the default schedule's reach of the (0.3, 0.3, 0.3) seed
 FAR = (0.45, 0.22, 0.61)
@@ -172,7 +172,7 @@ def test_resume_in_fresh_process(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps(cut.state.to_dict()))
     script = (
         "import json, sys, test_annealing as t\n"
-        "from crdiff_cli.annealing import AnnealConfig, AnnealState\n"
+        "from crdiff_cli.search.annealing import AnnealConfig, AnnealState\n"
         "state = AnnealState.from_dict(json.load(open(sys.argv[1])))\n"
         "res, recs = t.run_recorded(t.rugged, AnnealConfig(patience=8, seed=5), state)\n"
         "print(json.dumps([[list(r.candidate) for r in recs], list(res.best), res.evaluations]))\n"

@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 
-from crdiff_cli.dual_unet import DualUNet
+from crdiff_cli.dual.unet import DualUNet
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.exporters.artifacts import check_base, read_metadata
 from crdiff_cli.exporters.bake import bake, verify_artifact
@@ -28,10 +28,10 @@ from crdiff_cli.exporters.onnx_runtime import OnnxUNet, open_session, run_sessio
 from crdiff_cli.exporters.safetensors_artifact import load_safetensors_unet
 from crdiff_cli.exporters.validate import (ShapeMismatchError, ToleranceExceededError, VerificationError, unet_call,
                                            validate_model_outputs, verification_cases)
-from crdiff_cli.prune_spec import PruneSpec
-from crdiff_cli.ratios import Ratios
-from crdiff_cli.resolution import Resolution
-from crdiff_cli.targets import target_weights
+from crdiff_cli.pruning.spec import PruneSpec
+from crdiff_cli.pruning.ratios import Ratios
+from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.pruning.targets import target_weights
 
 RATIOS = Ratios(0.3, 0.2, 0.25)
 RES = Resolution(64, 48)
@@ -49,7 +49,7 @@ def baked(load_tiny, folder: Path, name: str, suffix: str, dtype: str = "fp32", 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny_dirs):
     """Both formats for both tiny models, baked (and verified) once: ``{(name, suffix): (loaded, spec, result)}``."""
-    from crdiff_cli.models import load_model
+    from crdiff_cli.pipelines.loading import load_model
 
     folder = tmp_path_factory.mktemp("artifacts")
     return {(n, s): baked(lambda name, dtype: load_model(name, dtype=dtype), folder, n, s)

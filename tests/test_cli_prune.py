@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from crdiff_cli.atomic import OutputKind
+from crdiff_cli.storage.atomic import OutputKind
 from crdiff_cli.cli import app
-from crdiff_cli.profile_table import get_profile
-from crdiff_cli.prune_spec import PruneSpec, prune_
-from crdiff_cli.ratios import Ratios
+from crdiff_cli.pruning.profile_table import get_profile
+from crdiff_cli.pruning.spec import PruneSpec, prune_
+from crdiff_cli.pruning.ratios import Ratios
 
 UNET_FILES = {"config.json", "diffusion_pytorch_model.safetensors"}
 CRDIFF = Path(sys.executable).parent / "crdiff"  # the console script of the environment running the tests
@@ -180,7 +180,7 @@ ANYTHING = {directory: OutputKind("test output", "nothing", lambda path: True, f
 @pytest.mark.parametrize("old_kind, directory", [("file", False), ("folder", True), ("missing", True),
                                                  ("missing", False), ("empty-folder", True)])
 def test_atomic_path_replaces_an_old_output(tmp_path, old_kind, directory):
-    from crdiff_cli.atomic import atomic_path
+    from crdiff_cli.storage.atomic import atomic_path
 
     target = tmp_path / "out"
     if old_kind == "file":
@@ -201,7 +201,7 @@ def test_atomic_path_replaces_an_old_output(tmp_path, old_kind, directory):
 
 @pytest.mark.parametrize("old_kind", ["symlink-to-folder", "file-for-a-folder"])
 def test_atomic_path_refuses_another_shape(tmp_path, old_kind):
-    from crdiff_cli.atomic import atomic_path
+    from crdiff_cli.storage.atomic import atomic_path
     from crdiff_cli.errors import CrdiffError
 
     target, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
@@ -219,7 +219,7 @@ def test_atomic_path_refuses_another_shape(tmp_path, old_kind):
 
 
 def test_atomic_path_failure_keeps_old_output(tmp_path):
-    from crdiff_cli.atomic import atomic_path
+    from crdiff_cli.storage.atomic import atomic_path
 
     target = tmp_path / "out"
     target.mkdir()

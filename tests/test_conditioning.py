@@ -18,14 +18,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from crdiff_cli.cli import app
-from crdiff_cli.conditioning import ImageInputs, check_controlnet_fits
-from crdiff_cli.dual_unet import DualUNet
+from crdiff_cli.pipelines.conditioning import ImageInputs, check_controlnet_fits
+from crdiff_cli.dual.unet import DualUNet
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.generate import GenerationSettings, attach_dual, generate_image, set_scheduler
-from crdiff_cli.models import load_model
-from crdiff_cli.prune_spec import PruneSpec, prune_
-from crdiff_cli.ratios import Ratios
-from crdiff_cli.resolution import Resolution
+from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
+from crdiff_cli.dual.apply import apply_crdiff
+from crdiff_cli.pipelines.schedulers import set_scheduler
+from crdiff_cli.pipelines.loading import load_model
+from crdiff_cli.pruning.spec import PruneSpec, prune_
+from crdiff_cli.pruning.ratios import Ratios
+from crdiff_cli.pruning.resolution import Resolution
 
 RATIOS = "0.3/0.25/0.35"
 RES = Resolution(64, 48)  # HEIGHTxWIDTH
@@ -151,7 +153,7 @@ def test_k1_is_the_pipeline_around_the_pruned_unet(files, kind):
     settings = GenerationSettings(RES, steps=2, inputs=inputs)
     dual_model = conditioned("tiny", inputs)
     spec = PruneSpec.from_unet(dual_model.unet, Ratios.parse(RATIOS))
-    attach_dual(dual_model, spec, k=1.0)
+    apply_crdiff(dual_model.pipe, spec, k=1.0)
     pruned_model = conditioned("tiny", inputs)
     prune_(pruned_model.unet, spec)
     got = np.asarray(generate_image(dual_model.pipe, PROMPT, SEED, settings))
@@ -162,7 +164,7 @@ def test_k1_is_the_pipeline_around_the_pruned_unet(files, kind):
 def test_controlnet_runs_once_per_step_for_both_branches(files, name):
     inputs = ImageInputs(str(files[f"cn-{name}"]), files["control"])
     loaded = conditioned(name, inputs)
-    dual = attach_dual(loaded, PruneSpec.from_unet(loaded.unet, Ratios.parse(RATIOS)), k=1.5)
+    dual = apply_crdiff(loaded.pipe, PruneSpec.from_unet(loaded.unet, Ratios.parse(RATIOS)), k=1.5)
     calls = {"controlnet": [], "unet": []}
     for key, module in (("controlnet", loaded.pipe.controlnet), ("unet", dual.unet)):
         module.register_forward_pre_hook(lambda m, args, kwargs, key=key: calls[key].append(kwargs), with_kwargs=True)
@@ -211,7 +213,7 @@ def test_guidance_1_runs_one_batch_half_and_k0_equals_diffusers(tmp_path, tiny_d
     assert np.array_equal(got, np.asarray(want))
 
     loaded = load_model(name)
-    dual = attach_dual(loaded, PruneSpec.from_unet(loaded.unet, Ratios.parse(RATIOS)), k=1.5)
+    dual = apply_crdiff(loaded.pipe, PruneSpec.from_unet(loaded.unet, Ratios.parse(RATIOS)), k=1.5)
     batches = []
     dual.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
     set_scheduler(loaded.pipe, scheduler)
@@ -243,7 +245,7 @@ def bad_case(tmp_path: Path, files, case: str) -> tuple[list, str]:
                               files["control"]], "not a ControlNetModel"),
         "strength 0": (["--init-image", files["init"], "--strength", "0"], "(0, 1]"),
         "strength above 1": (["--init-image", files["init"], "--strength", "1.5"], "(0, 1]"),
-        "strength nan": (["--init-image", files["init"], "--strength", "nan"], "--strength nan: must be a finite number"),
+        "strength nan": (["--init-image", files["init"], "--strength", "nan"], "--strength nan must be a finite number"),
         "strength without init image": (["--strength", "0.5"], "need --init-image"),
         "mask without init image": (["--mask-image", files["mask"]], "need --init-image"),
         "unreadable init image": (["--init-image", text], "not a readable image"),
@@ -258,12 +260,12 @@ BAD = ["control image without controlnet", "controlnet without control image", "
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_conditioning_is_one_line_exit_2_before_loading_and_writes_nothing(tmp_path, files, monkeypatch, case):
-    import crdiff_cli.models
+    import crdiff_cli.pipelines.loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(crdiff_cli.models, "load_model", no_loading)
+    monkeypatch.setattr(crdiff_cli.pipelines.loading, "load_model", no_loading)
     unet_like = files["cn-tiny"].parent / "unet-like"
     if not unet_like.exists():
         unet_like.mkdir()
@@ -290,7 +292,7 @@ def test_ip_adapter_projections_live_in_attn2_and_are_never_targets(tiny_dirs):
     from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
     from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 
-    from crdiff_cli.targets import target_weights
+    from crdiff_cli.pruning.targets import target_weights
 
     unet = load_model("tiny").unet
     before = {g: [(n, p.numel()) for n, p in ws] for g, ws in target_weights(unet).items()}

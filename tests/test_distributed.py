@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from crdiff_cli.distributed import SINGLE, backend_cause, blocks
-from crdiff_cli.journal import read_journal
+from crdiff_cli.runtime.distributed import SINGLE, backend_cause, blocks
+from crdiff_cli.storage.journal import read_journal
 
 SEARCH = ["search", "--model", "tiny", "--res", "32x32", "--scorer", "tiny", "--steps", "1", "--image-seeds", "1,2,3",
           "--iters", "7", "--bounds", "0.3:0.33", "--seed", "7"]
@@ -87,7 +87,7 @@ def test_backend_cause_keeps_the_gist_of_a_gloo_error():
 
 WORKER = '''
 import json, sys
-from crdiff_cli.distributed import RankFailure, start
+from crdiff_cli.runtime.distributed import RankFailure, start
 from crdiff_cli.errors import CrdiffError
 
 ranks = start("cpu")

@@ -14,19 +14,20 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from typer.testing import CliRunner
 
 from crdiff_cli.cli import app
-from crdiff_cli.dual_unet import DualUNet, resident_bytes
-from crdiff_cli.prune_spec import pruned_weight
+from crdiff_cli.dual.unet import DualUNet, attached_dual, resident_bytes
+from crdiff_cli.pruning.spec import pruned_weight
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.generate import GenerationSettings, attach_dual, generate_image, set_scheduler
-from crdiff_cli.models import load_model
-from crdiff_cli.prune_spec import PruneSpec, prune_
-from crdiff_cli.ratios import Ratios
-from crdiff_cli.resolution import Resolution
-from crdiff_cli.targets import target_weights
+from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
+from crdiff_cli.dual.apply import apply_crdiff
+from crdiff_cli.pipelines.schedulers import set_scheduler
+from crdiff_cli.pipelines.loading import load_model
+from crdiff_cli.pruning.spec import PruneSpec, prune_
+from crdiff_cli.pruning.ratios import Ratios
+from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.pruning.targets import target_weights
 
 TINY = ("tiny", "tiny-sdxl")
 RATIOS = "0.3/0.2/0.4"
@@ -43,7 +44,7 @@ def dual_model(name: str, ratios: str = RATIOS, k: float = 1.5, masks: str = "co
     """A freshly loaded tiny pipeline whose UNet is a DualUNet; returns (loaded, dual)."""
     loaded = load_model(name, dtype=dtype)
     spec = PruneSpec.from_unet(loaded.unet, Ratios.parse(ratios))
-    return loaded, attach_dual(loaded, spec, k, masks)
+    return loaded, apply_crdiff(loaded.pipe, spec, k=k, masks=masks)
 
 
 def prune_and_load(name: str, spec: PruneSpec, dtype: str = "fp32"):
@@ -200,7 +201,7 @@ def test_both_branches_use_the_dense_tensors_and_nothing_is_deep_copied(tiny_dir
     original = {name: p.data_ptr() for name, p in unet.named_parameters()}
     gc.collect()  # garbage UNets of earlier tests must not be collected mid-test and skew the count
     unets_before = sum(isinstance(o, type(unet)) for o in gc.get_objects())
-    dual = attach_dual(loaded, PruneSpec.from_unet(unet, Ratios.parse(RATIOS)), 1.5, masks)
+    dual = apply_crdiff(loaded.pipe, PruneSpec.from_unet(unet, Ratios.parse(RATIOS)), k=1.5, masks=masks)
     assert sum(isinstance(o, type(unet)) for o in gc.get_objects()) <= unets_before  # no new UNet object
     assert {p.data_ptr() for p in dual.parameters()} == set(original.values())
 
@@ -215,7 +216,7 @@ def test_both_branches_use_the_dense_tensors_and_nothing_is_deep_copied(tiny_dir
         else:
             assert pruned_ptr == dense_ptr, name  # the very same tensor
     if masks == "copy":
-        masked = {b.data_ptr() for n, b in unet.named_buffers() if ".parametrizations." in n}
+        masked = {copy.data_ptr() for copy in dual.masked_copies()}
         assert {ptr for name, ptr in pruned_pass if name in targets} <= masked
 
 
@@ -237,7 +238,7 @@ def test_masked_copies_live_in_one_buffer_that_release_frees(tiny_dirs):
     loaded = load_model("tiny")
     targets = [p for ws in target_weights(loaded.unet).values() for _, p in ws]
     dual = DualUNet(loaded.unet, PruneSpec.from_unet(loaded.unet, Ratios.parse(RATIOS)), masks="copy")
-    slots = [b for n, b in loaded.unet.named_buffers() if ".parametrizations." in n]
+    slots = dual.masked_copies()
     assert len(slots) == len(targets)
     assert len({s.untyped_storage().data_ptr() for s in slots}) == 1
     assert all(s.data_ptr() % 64 == 0 for s in slots)  # every copy as aligned as a fresh tensor
@@ -264,7 +265,7 @@ def test_release_restores_a_plain_unet(tiny_dirs):
         released = dual.release()
         after = released(*args).sample
     assert released is unet
-    assert not any(parametrize.is_parametrized(m) for m in unet.modules())
+    assert attached_dual(unet) is None
     assert list(unet.state_dict()) == keys
     assert all(p is params[n] for n, p in unet.named_parameters())
     assert torch.equal(after, before)
@@ -274,7 +275,7 @@ def test_unknown_mask_mode_is_a_user_error(tiny_readonly):
     unet = tiny_readonly["tiny"].unet
     with pytest.raises(CrdiffError, match="mask mode"):
         DualUNet(unet, PruneSpec.from_unet(unet, Ratios.parse(RATIOS)), masks="lazy")
-    assert not any(parametrize.is_parametrized(m) for m in unet.modules())
+    assert attached_dual(unet) is None
 
 
 def test_spec_from_another_dtype_is_refused(tiny_readonly):
@@ -283,7 +284,7 @@ def test_spec_from_another_dtype_is_refused(tiny_readonly):
     unet = load_model("tiny", dtype="bf16").unet
     with pytest.raises(CrdiffError, match="recompute the spec"):
         DualUNet(unet, fp32_spec)
-    assert not any(parametrize.is_parametrized(m) for m in unet.modules())  # refused before any change
+    assert attached_dual(unet) is None  # refused before any change
     DualUNet(unet, PruneSpec.from_unet(unet, Ratios.parse("0/0/0")))  # no thresholds: any dtype is fine
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 from scipy import linalg
 
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.eval_metrics import ImageMetric, MetricSpec, parse_metrics
-from crdiff_cli.eval_stats import bootstrap_ci, paired, summarize
+from crdiff_cli.evaluation.metrics import ImageMetric, MetricSpec, parse_metrics
+from crdiff_cli.evaluation.stats import bootstrap_ci, paired, summarize
 
 
 def scipy_fid(mu1, s1, mu2, s2) -> float:
@@ -23,7 +23,7 @@ def scipy_fid(mu1, s1, mu2, s2) -> float:
 
 
 def test_frechet_distance_matches_scipy_on_gaussians():
-    from crdiff_cli.fid import frechet_distance
+    from crdiff_cli.evaluation.fid import frechet_distance
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
@@ -38,7 +38,7 @@ def test_frechet_distance_matches_scipy_on_gaussians():
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory) -> Path:
     """torch-fidelity's FID Inception with seeded random weights, saved where fid:PATH reads it."""
-    from crdiff_cli.fid import fid_class
+    from crdiff_cli.evaluation.fid import fid_class
 
     fid_class()  # makes torch_fidelity importable
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -65,7 +65,7 @@ def _images(folder: Path, seed: int, n: int, size=(40, 32)) -> list[Path]:
 
 
 def test_fid_through_torchmetrics_real_inception(tmp_path, inception_weights):
-    from crdiff_cli.fid import FidScorer
+    from crdiff_cli.evaluation.fid import FidScorer
 
     refs = _images(tmp_path / "refs", 1, 3)
     fakes = _images(tmp_path / "fakes", 2, 3, size=(24, 24))

@@ -19,8 +19,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from crdiff_cli.cli import app
-from crdiff_cli.evaluate import WorkItem, batches, model_calls, read_prompt_source, work_items
-from crdiff_cli.resolution import Resolution
+from crdiff_cli.evaluation.protocol import WorkItem, batches, model_calls, read_prompt_source, work_items
+from crdiff_cli.pruning.resolution import Resolution
 
 PROMPTS = ["a red fox", "a blue boat on a lake", "a green apple", "a yellow bird"]
 COMMON = ["--steps", "2", "--metrics", "tiny"]
@@ -159,8 +159,8 @@ def test_batched_images_have_the_single_image_noise(tiny_dirs):
     """The latents a batched call starts from are, per image, those of the single call (one generator each)."""
     import torch
 
-    from crdiff_cli.generate import GenerationSettings, generate_images
-    from crdiff_cli.models import load_model
+    from crdiff_cli.pipelines.generation import GenerationSettings, generate_images
+    from crdiff_cli.pipelines.loading import load_model
 
     pipe = load_model("tiny").pipe
     seen = []
@@ -259,12 +259,12 @@ def test_coco_captions_json(tmp_path):
     (["--metrics", "tiny", "--ratios", "0.3/0.2"], "ratios"),
 ])
 def test_bad_input_one_line_exit_2_before_loading(tmp_path, monkeypatch, args, message):
-    import crdiff_cli.models
+    import crdiff_cli.pipelines.loading
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(crdiff_cli.models, "load_model", no_load)
+    monkeypatch.setattr(crdiff_cli.pipelines.loading, "load_model", no_load)
     result = invoke("--model", "tiny", "--res", "32x32", "--prompt", "x", "-n", "2", "--out", str(tmp_path / "o"), *args)
     assert result.exit_code == 2, (result.stdout, result.stderr)
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -41,7 +41,7 @@ def joined(parts, sep):
 
 @given(st.one_of(st.text(max_size=40), joined(NUMBER, "/")))
 def test_ratios(text):
-    from crdiff_cli.ratios import Ratios
+    from crdiff_cli.pruning.ratios import Ratios
 
     ratios = outcome(Ratios.parse, text)
     if ratios is not None:
@@ -51,7 +51,7 @@ def test_ratios(text):
 
 @given(st.one_of(st.text(max_size=30), st.from_regex(r"\A\s*[0-9]{0,5}\s*[xX×*]\s*[0-9]{0,5}\s*\Z")))
 def test_resolutions(text):
-    from crdiff_cli.resolution import MAX_SIDE, MIN_SIDE, Resolution
+    from crdiff_cli.pruning.resolution import MAX_SIDE, MIN_SIDE, Resolution
 
     res = outcome(Resolution.parse, text)
     if res is not None:
@@ -61,7 +61,7 @@ def test_resolutions(text):
 
 @given(st.one_of(st.text(max_size=30), joined(NUMBER, ":")), st.booleans())
 def test_bounds(text, ratio):
-    from crdiff_cli.commands.search import parse_bounds
+    from crdiff_cli.cli.commands.search import parse_bounds
 
     bounds = outcome(parse_bounds, text, "--bounds", ratio=ratio)
     if bounds is not None:
@@ -72,7 +72,7 @@ def test_bounds(text, ratio):
 @given(st.one_of(st.text(max_size=60), joined(joined(NUMBER, "/"), ",")),
        st.tuples(st.floats(0, 0.99), st.floats(0, 0.99)).map(sorted))
 def test_init_seeds(text, bounds):
-    from crdiff_cli.commands.search import parse_init
+    from crdiff_cli.cli.commands.search import parse_init
 
     seeds = outcome(parse_init, text, tuple(bounds))
     if seeds is not None:
@@ -81,7 +81,7 @@ def test_init_seeds(text, bounds):
 
 @given(st.one_of(st.text(max_size=40), joined(st.integers().map(str) | NUMBER, ",")))
 def test_image_seed_lists(text):
-    from crdiff_cli.commands.search import parse_seeds
+    from crdiff_cli.cli.commands.search import parse_seeds
     from crdiff_cli.validation import MAX_SEED, MIN_SEED
 
     seeds = outcome(parse_seeds, text)
@@ -91,7 +91,7 @@ def test_image_seed_lists(text):
 
 @given(st.floats(allow_nan=True, allow_infinity=True))
 def test_k(k):
-    from crdiff_cli.generate import check_k
+    from crdiff_cli.dual.unet import check_k
 
     try:
         check_k(k)
@@ -119,7 +119,7 @@ def _mutated(base: dict):
 @given(st.one_of(_mutated(VALID_PROFILE), st.fixed_dictionaries(
     {"ratios": _mutated(VALID_PROFILE["ratios"])}).map(lambda d: {**VALID_PROFILE, **d})))
 def test_profile_json(data):
-    from crdiff_cli.profile_table import Profile
+    from crdiff_cli.pruning.profile_table import Profile
 
     profile = outcome(Profile.from_dict, data, "p.json")
     if profile is not None:
@@ -128,7 +128,7 @@ def test_profile_json(data):
 
 @given(st.binary(max_size=200) | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
 def test_profile_files(content):
-    from crdiff_cli.profile_table import get_profile
+    from crdiff_cli.pruning.profile_table import get_profile
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "p.json"
@@ -139,7 +139,7 @@ def test_profile_files(content):
 @given(st.binary(max_size=300) | st.lists(st.text(max_size=30), max_size=8).map(
     lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass")))
 def test_prompts_files(content):
-    from crdiff_cli.generate import read_prompts
+    from crdiff_cli.pipelines.prompts import read_prompts
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "prompts.txt"
@@ -155,7 +155,7 @@ HEADER = json.dumps({"format": "crdiff-search-journal/1", "identity": {"steps": 
 @given(st.lists(st.one_of(st.just(HEADER), st.text(max_size=40), JSONISH.map(json.dumps)), max_size=5),
        st.booleans(), st.booleans())
 def test_journal_lines(lines, trailing_newline, resume):
-    from crdiff_cli.journal import check_journal, read_journal
+    from crdiff_cli.storage.journal import check_journal, read_journal
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "j.jsonl"
@@ -171,9 +171,9 @@ def test_journal_lines(lines, trailing_newline, resume):
 
 def _valid_table() -> dict[str, str]:
     from crdiff_cli.exporters.metadata import ArtifactMetadata
-    from crdiff_cli.prune_spec import GroupSpec, PruneSpec
-    from crdiff_cli.ratios import Ratios
-    from crdiff_cli.resolution import Resolution
+    from crdiff_cli.pruning.spec import GroupSpec, PruneSpec
+    from crdiff_cli.pruning.ratios import Ratios
+    from crdiff_cli.pruning.resolution import Resolution
 
     ratios = Ratios(0.1, 0.2, 0.3)
     groups = {g: GroupSpec(r, 2, 100, 0.0625 * (i + 1), 10 * (i + 1)) for i, (g, r) in enumerate(ratios.as_dict().items())}
@@ -214,7 +214,7 @@ def _nested(group: str, field: str, value) -> dict[str, str]:
 def test_the_valid_examples_are_valid():
     """The mutation bases above parse, so the properties explore near-valid inputs, not only garbage."""
     from crdiff_cli.exporters.metadata import ArtifactMetadata
-    from crdiff_cli.profile_table import Profile
+    from crdiff_cli.pruning.profile_table import Profile
 
     assert ArtifactMetadata.from_strings(VALID_TABLE, "x").k == 1.5
     assert Profile.from_dict(VALID_PROFILE, "x").name == "p"

@@ -1,4 +1,4 @@
-"""`crdiff generate` end to end (CliRunner, real tiny pipelines) and the write-safety of crdiff_cli.generate."""
+"""`crdiff generate` end to end (CliRunner, real tiny pipelines) and the write-safety of crdiff_cli.pipelines.generation."""
 
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from crdiff_cli.cli import app
-from crdiff_cli.generate import (GenerationSettings, attach_dual, denoising_calls, generate_image, read_prompts,
-                                 run, save_png, set_scheduler)
-from crdiff_cli.models import load_model
-from crdiff_cli.profile_table import nearest_profile
-from crdiff_cli.prune_spec import PruneSpec
-from crdiff_cli.resolution import Resolution
+from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
+from crdiff_cli.dual.apply import apply_crdiff
+from crdiff_cli.pipelines.schedulers import denoising_calls, set_scheduler
+from crdiff_cli.pipelines.prompts import read_prompts
+from crdiff_cli.pipelines.to_folder import generate_to_folder
+from crdiff_cli.pipelines.images import save_png
+from crdiff_cli.pipelines.loading import load_model
+from crdiff_cli.pruning.profile_table import nearest_profile
+from crdiff_cli.pruning.spec import PruneSpec
+from crdiff_cli.pruning.resolution import Resolution
 
 RES = Resolution(64, 48)  # HEIGHTxWIDTH: PIL reports (48, 64)
 COMMON = ["--res", str(RES), "--steps", "2", "--negative-prompt", "blurry"]
@@ -70,7 +74,7 @@ def test_generate_end_to_end(tmp_path, tiny_dirs, name, scheduler):
 
     # The CLI image is the library's: same ratios, k, seed, steps, negative prompt, scheduler.
     loaded = load_model(name)
-    attach_dual(loaded, PruneSpec.from_unet(loaded.unet, profile.ratios), 1.5)
+    apply_crdiff(loaded.pipe, PruneSpec.from_unet(loaded.unet, profile.ratios), k=1.5)
     set_scheduler(loaded.pipe, scheduler)
     settings = GenerationSettings(RES, steps=2, negative_prompt="blurry", scheduler=scheduler)
     assert np.array_equal(pixels(out / "0_5.png"), np.asarray(generate_image(loaded.pipe, "a red fox", 5, settings)))
@@ -139,7 +143,7 @@ BAD = {
     "k nan": (["--k", "nan"], "finite"),
     "k inf": (["--k", "inf"], "finite"),
     "k negative": (["--k", "-1"], ">= 0"),
-    "unknown scheduler": (["--scheduler", "dpm-9000"], "unknown scheduler"),
+    "unknown scheduler": (["--scheduler", "dpm-9000"], "--scheduler 'dpm-9000' is unknown"),
     "res not multiple of 8": (["--res", "65x48"], "multiple of 8"),
     "unknown mask mode": (["--masks", "lazy"], "mask mode"),
     "unknown profile": (["--profile", "sd15@1x1"], "unknown profile"),
@@ -190,7 +194,7 @@ def test_interrupted_run_leaves_only_whole_images(tmp_path, tiny_dirs):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(loaded.pipe, ["a red fox"], [0, 1], settings, tmp_path, model_info={"model": "tiny"},
+        generate_to_folder(loaded.pipe, ["a red fox"], [0, 1], settings, tmp_path, model_info={"model": "tiny"},
             on_step=interrupt_during_second_image)
     assert files(tmp_path) == ["0_0.png"]
     with Image.open(tmp_path / "0_0.png") as png:

@@ -19,15 +19,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from crdiff_cli.cli import app
-from crdiff_cli.dual_unet import DualUNet
+from crdiff_cli.dual.unet import DualUNet
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.generate import GenerationSettings, attach_dual, generate_image
-from crdiff_cli.lora import parse_lora
-from crdiff_cli.models import load_model
-from crdiff_cli.prune_spec import PruneSpec
-from crdiff_cli.ratios import Ratios
-from crdiff_cli.resolution import Resolution
-from crdiff_cli.targets import target_weights
+from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
+from crdiff_cli.dual.apply import apply_crdiff
+from crdiff_cli.pipelines.lora import parse_lora
+from crdiff_cli.pipelines.loading import load_model
+from crdiff_cli.pruning.spec import PruneSpec
+from crdiff_cli.pruning.ratios import Ratios
+from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.pruning.targets import target_weights
 
 RATIOS = "0.3/0.25/0.35"
 LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in"]
@@ -203,7 +204,7 @@ def test_generate_crdiff_with_lora_equals_a_dual_unet_over_the_diffusers_fused_m
     class Loaded:
         pipe = diffusers_fused("tiny-sdxl", loras["tiny-sdxl"], 1.0)
 
-    attach_dual(Loaded, PruneSpec.from_unet(Loaded.pipe.unet, Ratios.parse(RATIOS)), 1.5)
+    apply_crdiff(Loaded.pipe, PruneSpec.from_unet(Loaded.pipe.unet, Ratios.parse(RATIOS)), k=1.5)
     expected = generate_image(Loaded.pipe, "a fox", 0, GenerationSettings(Resolution(64, 64), steps=2))
     assert np.array_equal(pixels(tmp_path / "o" / "0_0.png"), np.asarray(expected))
 
@@ -265,12 +266,12 @@ LORA_CASES = {"missing": "does not exist", "pickled": "pickle", "pickled folder"
 @pytest.mark.parametrize("case", list(LORA_CASES))
 def test_bad_lora_is_one_line_exit_2_before_loading_and_writes_nothing(tmp_path, tiny_dirs, loras, monkeypatch,
                                                                        command, case):
-    import crdiff_cli.models
+    import crdiff_cli.pipelines.loading
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the LoRA was checked")
 
-    monkeypatch.setattr(crdiff_cli.models, "load_model", no_loading)
+    monkeypatch.setattr(crdiff_cli.pipelines.loading, "load_model", no_loading)
     out = tmp_path / "out"
     args = {"prune": ["--ratios", RATIOS, "--out", out],
             "generate": ["--res", "64x64", "--prompt", "x", "--out", out],
@@ -290,7 +291,7 @@ def test_bad_lora_is_one_line_exit_2_before_loading_and_writes_nothing(tmp_path,
 
 
 def test_lora_that_does_not_fit_a_model_without_a_readable_config_fails_at_load(tiny_dirs, loras):
-    from crdiff_cli.lora import fuse_loras
+    from crdiff_cli.pipelines.lora import fuse_loras
 
     pipe = load_model("tiny").pipe
     with pytest.raises(CrdiffError, match="does not fit this model"):

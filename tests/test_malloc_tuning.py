@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from crdiff_cli import cli, malloc_tuning
+from crdiff_cli import cli
+from crdiff_cli.runtime import malloc_tuning
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
@@ -17,7 +18,7 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is
 # minor page faults of each of six calls.
 CONV_FAULTS = """
 import resource, sys, torch
-from crdiff_cli.malloc_tuning import reuse_large_blocks
+from crdiff_cli.runtime.malloc_tuning import reuse_large_blocks
 applied = reuse_large_blocks() if sys.argv[1] == "tuned" else False
 torch.set_num_threads(1)
 weight, x = torch.randn(1280, 1280, 3, 3), torch.randn(2, 1280, 8, 8)

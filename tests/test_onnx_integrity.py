@@ -14,9 +14,9 @@ from crdiff_cli.cli import app
 def baked_external(load_tiny, tmp_path, monkeypatch):
     """A tiny ONNX artifact forced to keep its weights in a.onnx.data, with a private digest cache."""
     from crdiff_cli.exporters.bake import bake
-    from crdiff_cli.prune_spec import PruneSpec
-    from crdiff_cli.ratios import Ratios
-    from crdiff_cli.resolution import Resolution
+    from crdiff_cli.pruning.spec import PruneSpec
+    from crdiff_cli.pruning.ratios import Ratios
+    from crdiff_cli.pruning.resolution import Resolution
 
     loaded = load_tiny("tiny")
     spec = PruneSpec.from_unet(loaded.unet, Ratios(0.2, 0.2, 0.2))
@@ -39,7 +39,7 @@ def _flip_a_bit(path, keep_mtime: bool = False, where: float = 0.5):
 def test_digest_is_recorded_and_checked(baked_external):
     import onnx
 
-    from crdiff_cli.digest_cache import cache_file, file_sha256
+    from crdiff_cli.storage.digest_cache import cache_file, file_sha256
     from crdiff_cli.exporters.metadata import ArtifactError
     from crdiff_cli.exporters.onnx_artifact import DATA_BYTES, DATA_SHA256, check_external_data, data_path
 

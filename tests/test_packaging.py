@@ -79,7 +79,7 @@ def test_installed_wheel_finds_profiles_and_exporters(wheel, tmp_path):
     code = ISOLATE + (
         "import importlib, importlib.util, crdiff_cli, crdiff_cli.exporters\n"
         "from importlib.resources import files\n"
-        "from crdiff_cli.profile_table import builtin_profiles, get_profile\n"
+        "from crdiff_cli.pruning.profile_table import builtin_profiles, get_profile\n"
         f"assert crdiff_cli.__file__.startswith({str(target)!r}), crdiff_cli.__file__\n"
         f"assert crdiff_cli.exporters.__file__.startswith({str(target)!r}), crdiff_cli.exporters.__file__\n"
         "jsons = [p.name for p in files('crdiff_cli.profiles').iterdir() if p.name.endswith('.json')]\n"

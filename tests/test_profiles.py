@@ -8,10 +8,10 @@ import math
 import pytest
 
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.profile_table import (FORMAT, Profile, RatioChoice, builtin_profiles, choose_ratios, get_profile,
+from crdiff_cli.pruning.profile_table import (FORMAT, Profile, RatioChoice, builtin_profiles, choose_ratios, get_profile,
                                       nearest_profile)
-from crdiff_cli.ratios import Ratios
-from crdiff_cli.resolution import Resolution
+from crdiff_cli.pruning.ratios import Ratios
+from crdiff_cli.pruning.resolution import Resolution
 
 # CR-Diff supplementary Table 6, copied by hand: (family, HEIGHTxWIDTH, down, mid, up, native)
 TABLE6 = [

@@ -50,7 +50,7 @@ def no_model_load(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr("crdiff_cli.models.load_model", boom)
+    monkeypatch.setattr("crdiff_cli.pipelines.loading.load_model", boom)
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_search_profile_and_trace_get_umask_permissions(tiny_dirs, tmp_path, uma
 
 
 def test_tiny_model_cache_gets_umask_permissions(tmp_path, monkeypatch, umask_027):
-    from crdiff_cli.tiny import tiny_model_path
+    from crdiff_cli.pipelines.tiny import tiny_model_path
 
     monkeypatch.setenv("CRDIFF_CACHE", str(tmp_path / "cache"))
     folder = tiny_model_path("tiny")
@@ -175,7 +175,7 @@ def test_write_failures_of_any_writer_are_one_line(tiny_dirs, tmp_path, monkeypa
 
 
 def test_disk_filling_up_during_generate_is_one_line_and_keeps_finished_images(tiny_dirs, tmp_path, monkeypatch):
-    import crdiff_cli.generate as generate
+    import crdiff_cli.pipelines.generation as generate
 
     real, calls = generate.write_file, []
 
@@ -311,7 +311,7 @@ def _dead_pid() -> int:
 
 
 def test_clean_stale_removes_only_crdiff_staging_of_dead_processes(tmp_path):
-    from crdiff_cli.atomic import _machine_tag, clean_stale
+    from crdiff_cli.storage.atomic import _machine_tag, clean_stale
 
     tag = _machine_tag()
     dead, alive = _dead_pid(), os.getpid()
@@ -395,8 +395,8 @@ def test_non_finite_numbers_exit_2(tmp_path, no_model_load, command, flag, value
 
 def test_generation_settings_refuse_nan_guidance():
     from crdiff_cli.errors import CrdiffError
-    from crdiff_cli.generate import GenerationSettings
-    from crdiff_cli.resolution import Resolution
+    from crdiff_cli.pipelines.generation import GenerationSettings
+    from crdiff_cli.pruning.resolution import Resolution
 
     with pytest.raises(CrdiffError, match="finite"):
         GenerationSettings(Resolution(64, 64), guidance=float("nan"))
@@ -412,15 +412,15 @@ def test_missing_profile_file_says_it_does_not_exist(tmp_path, no_model_load):
 
 
 def test_hub_errors_are_cut_at_a_word_boundary():
-    from crdiff_cli.models import _first_line
+    from crdiff_cli.errors import first_line
 
-    text = _first_line(ValueError("word " * 100))
+    text = first_line(ValueError("word " * 100))
     assert text.endswith("word...") and len(text) <= 203
 
 
 def test_resume_with_other_prompts_says_the_prompts_differ(tmp_path):
     from crdiff_cli.errors import CrdiffError
-    from crdiff_cli.journal import check_identity
+    from crdiff_cli.storage.journal import check_identity
 
     with pytest.raises(CrdiffError, match=r"\(the prompts differ\)") as info:
         check_identity(tmp_path / "j", {"identity": {"prompts": 1, "prompts_sha256": "a" * 64, "steps": 2}},
@@ -475,7 +475,7 @@ def test_help_fits_80_columns_and_flags_read_as_flags(command):
 def test_trace_plots_the_score_rising_with_labelled_axes(tiny_dirs, tmp_path):
     from PIL import Image
 
-    from crdiff_cli.trace_plot import BLUE, LEFT, TOP
+    from crdiff_cli.search.trace_plot import BLUE, LEFT, TOP
 
     result = invoke(*SEARCH, "--out", tmp_path / "best.json", "--iters", "6", "--init", "0.1/0.1/0.1")
     assert result.exit_code == 0, result.output

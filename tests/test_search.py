@@ -1,4 +1,4 @@
-"""The ratio search's library API (crdiff_cli.search, journal, trace_plot, search_view) on the tiny model.
+"""The ratio search's library API (crdiff_cli.search.runner, journal, trace_plot, search_view) on the tiny model.
 
 Every search here really generates images with the tiny SD1.5-shaped pipeline (64x64, 2 steps) and
 scores them with the ``tiny`` scorer. Scorers defined in this file are ordinary user scorers (the
@@ -14,13 +14,14 @@ import math
 import pytest
 import torch
 
-from crdiff_cli.annealing import AnnealConfig
+from crdiff_cli.search.annealing import AnnealConfig
+from crdiff_cli.dual.unet import attached_dual
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.generate import GenerationSettings
-from crdiff_cli.journal import FORMAT, check_journal, read_journal
-from crdiff_cli.profile_table import Profile
-from crdiff_cli.resolution import Resolution
-from crdiff_cli.search import SearchPlan, cache_key, k_search_config, search, search_settings
+from crdiff_cli.pipelines.generation import GenerationSettings
+from crdiff_cli.storage.journal import FORMAT, check_journal, read_journal
+from crdiff_cli.pruning.profile_table import Profile
+from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.search.runner import SearchPlan, cache_key, k_search_config, search, search_settings
 from reference_loop import reference_search
 
 RES = Resolution(64, 64)
@@ -89,7 +90,7 @@ def test_search_journals_every_step_and_leaves_model_untouched(load_tiny, tiny_s
     assert result.ratios.as_tuple() == tuple(best["candidate"]) and result.score == best["score"]
     assert result.k == 1.0 and result.stop_reason == "max_iters" and result.computed == 5
     # The pipeline gets its own UNet back, with its dense weights bit for bit (the search never prunes it).
-    assert loaded.pipe.unet is unet and not hasattr(unet.down_blocks[0], "parametrizations")
+    assert loaded.pipe.unet is unet and attached_dual(unet) is None
     assert all(torch.equal(p, dense[n]) for n, p in unet.named_parameters())
 
 
@@ -337,7 +338,7 @@ def test_plan_checks_coordinates():
 # --- trace and live view ----------------------------------------------------------------------------
 
 def test_trace_png_draws_energy_best_and_temperature(full_run, tiny_readonly, tiny_scorer):
-    from crdiff_cli.trace_plot import BLUE, GREY, HEIGHT, ORANGE, RED, WIDTH, trace_image
+    from crdiff_cli.search.trace_plot import BLUE, GREY, HEIGHT, ORANGE, RED, WIDTH, trace_image
 
     failing = Counting(tiny_scorer, fail=lambda call: RuntimeError("x") if call == 2 else None)
     history = search(tiny_readonly["tiny"], failing, plan(iters=3, prompts=PROMPTS[:1])).history
@@ -353,7 +354,7 @@ def test_trace_png_draws_energy_best_and_temperature(full_run, tiny_readonly, ti
 def test_live_view_on_and_off_a_terminal(full_run, terminal):
     from rich.console import Console
 
-    from crdiff_cli.search_view import SearchView
+    from crdiff_cli.cli.search_view import SearchView
 
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=terminal, width=200, color_system=None)

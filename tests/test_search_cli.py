@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from crdiff_cli.cli import app
-from crdiff_cli.journal import read_journal
+from crdiff_cli.storage.journal import read_journal
 
 CRDIFF = Path(sys.executable).parent / "crdiff"  # the console script of the environment running the tests
 BASE = ["--model", "tiny", "--res", "64x64", "--scorer", "tiny", "--steps", "2"]

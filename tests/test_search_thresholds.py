@@ -1,14 +1,14 @@
-"""RankWindow (crdiff_cli.search_thresholds) gives exactly MagnitudeHistogram's answers, faster nearby."""
+"""RankWindow (crdiff_cli.search.thresholds) gives exactly MagnitudeHistogram's answers, faster nearby."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from crdiff_cli.prune_spec import PruneStats
-from crdiff_cli.ratios import Ratios
-from crdiff_cli.search_thresholds import RankWindow, search_stats
-from crdiff_cli.selection import MagnitudeHistogram
+from crdiff_cli.pruning.spec import PruneStats
+from crdiff_cli.pruning.ratios import Ratios
+from crdiff_cli.search.thresholds import RankWindow, search_stats
+from crdiff_cli.pruning.selection import MagnitudeHistogram
 
 
 def tensors(seed: int, dtype=torch.float32):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crdiff_cli import selection
-from crdiff_cli.selection import MagnitudeHistogram
+from crdiff_cli.pruning import selection
+from crdiff_cli.pruning.selection import MagnitudeHistogram
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

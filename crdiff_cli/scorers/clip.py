@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPVisionConfig
 
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.scorers import check_batch
-from crdiff_cli.tiny import clip_text_config, clip_tokenizer
+from crdiff_cli.pipelines.tiny import clip_text_config, clip_tokenizer
 
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIP_SCALE = 100.0
@@ -124,7 +124,7 @@ def tiny_clip():
     """``(model, tokenizer, image_processor)`` of the ``tiny`` scorer, built in memory deterministically.
 
     The weights come from a fixed seed inside ``fork_rng``, so the caller's global RNG is untouched.
-    The text side is :func:`crdiff_cli.tiny.clip_tokenizer` (a byte-level vocabulary, no files).
+    The text side is :func:`crdiff_cli.pipelines.tiny.clip_tokenizer` (a byte-level vocabulary, no files).
     """
     vision = CLIPVisionConfig(hidden_size=_TINY_WIDTH, intermediate_size=2 * _TINY_WIDTH, num_hidden_layers=2,
                               num_attention_heads=4, image_size=32, patch_size=8, projection_dim=_TINY_WIDTH)

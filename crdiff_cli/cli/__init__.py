@@ -1,0 +1,51 @@
+"""The ``crdiff`` command line: thin Typer commands over the library.
+
+Each command parses and validates its flags (cheap checks first, so bad input fails before a model is
+loaded and before anything is written), calls the library, and renders the result with rich. Heavy
+modules (torch, diffusers) are imported inside the commands so that ``crdiff --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from crdiff_cli import __version__
+from crdiff_cli.cli.shared import OneLineErrors, out
+from crdiff_cli.cli.commands import bake, evaluate, generate, prune, search
+
+# Plain click help (rich_markup_mode=None): two columns, flags without a value shown as bare flags, readable
+# at 80 columns; Typer's rich panels spend half the width on empty columns and show flags as `<bool>`.
+app = typer.Typer(
+    name="crdiff", cls=OneLineErrors, no_args_is_help=True, rich_markup_mode=None, add_completion=False,
+    pretty_exceptions_show_locals=False, context_settings={"help_option_names": ["-h", "--help"]},
+    help="CR-Diff for diffusers UNets: block-wise magnitude pruning (prune), the paper's ratio search "
+         "(search), dual-UNet artifacts (bake), text-to-image (generate) and the paper's evaluation protocol "
+         "(evaluate). Resolutions are HEIGHTxWIDTH, as in the paper (400x560 is 400 high, 560 wide).")
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"crdiff {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    pass
+
+
+# Registration order is the order of `crdiff --help` (command modules are light: torch loads when one runs).
+app.command()(prune.prune)
+app.command()(search.search)
+app.command()(bake.bake)
+app.command()(generate.generate)
+app.command()(evaluate.evaluate)
+app.command("profiles")(prune.profiles_cmd)
+
+
+def main() -> None:
+    from crdiff_cli.runtime.malloc_tuning import reuse_large_blocks
+
+    reuse_large_blocks()  # before torch allocates anything: see malloc_tuning (CPU speed of every UNet call)
+    app(prog_name="crdiff")

@@ -1,0 +1,193 @@
+"""`crdiff evaluate`: Table 7 / Table 8 of the paper (dense, pruned, CR-Diff) on your model and resolutions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from crdiff_cli.cli.shared import (CONTROL_IMAGE_HELP, CONTROL_SCALE_HELP, CONTROLNET_HELP, INIT_IMAGE_HELP,
+                                   LORA_HELP, MASK_IMAGE_HELP, MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP,
+                                   STRENGTH_HELP, command, err, out, start_ranks, warn)
+from crdiff_cli.errors import CrdiffError
+
+
+@command
+def evaluate(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    res: List[str] = typer.Option(..., "--res", help=RES_HELP + " Repeat for several resolutions."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: images/, scores.jsonl, results.csv/json, "
+                                 "paired.csv, report.html."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="A single prompt."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A text file (one prompt per line) or an "
+                                                "MS-COCO captions JSON (one caption per image)."),
+    variants: str = typer.Option("dense,pruned,crdiff", "--variants", help="Comma-separated: dense (unmodified), "
+                                 "pruned (k = 1, Table 7's 'pruned'), crdiff (POA at --k)."),
+    k: float = typer.Option(1.5, "--k", help="POA coefficient of the crdiff variant (as in generate)."),
+    ratios: Optional[str] = typer.Option(None, "--ratios", help=RATIOS_HELP + " Used at every resolution."),
+    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP + " Default: the family's profile at "
+                                          "each resolution (nearest, with a warning)."),
+    metrics: str = typer.Option("imagereward", "--metrics", help="Comma-separated: imagereward[:CKPT], clip:MODEL, "
+                                "pickscore:MODEL, aesthetic:HEAD, fid[:INCEPTION_WEIGHTS], tiny."),
+    reference_images: Optional[Path] = typer.Option(None, "--reference-images", help="Folder of real images for fid."),
+    seed: int = typer.Option(0, "--seed", help="First seed; image j of a prompt uses seed + j."),
+    num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt and variant."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
+    steps: int = typer.Option(30, "--steps", help="Denoising steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
+    controlnet: Optional[str] = typer.Option(None, "--controlnet", help=CONTROLNET_HELP),
+    control_image: Optional[Path] = typer.Option(None, "--control-image", help=CONTROL_IMAGE_HELP),
+    control_scale: float = typer.Option(1.0, "--control-scale", help=CONTROL_SCALE_HELP),
+    init_image: Optional[Path] = typer.Option(None, "--init-image", help=INIT_IMAGE_HELP),
+    strength: Optional[float] = typer.Option(None, "--strength", help=STRENGTH_HELP),
+    mask_image: Optional[Path] = typer.Option(None, "--mask-image", help=MASK_IMAGE_HELP),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, pndm, euler, euler-a, dpm++, lms, heun "
+                                            "or unipc (default: the model's own)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images per pipeline call and metric batch on a GPU. "
+                                   "On CPU images are computed one by one whatever B is, so they are bit for bit "
+                                   "what `crdiff generate` writes; there B only sets how often results are saved."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out: skip what scores.jsonl records."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --out that holds a previous run."),
+):
+    """Evaluate dense, pruned and CR-Diff images of the same prompts and seeds (the paper's Tables 7 and 8).
+
+    Writes OUT/images/<HxW>/<variant>/<prompt>_<seed>.png, OUT/scores.jsonl (resumable), OUT/results.csv and
+    results.json (means with 95% bootstrap intervals), OUT/paired.csv (CR-Diff vs pruned and vs dense:
+    paired difference, win rate, p-value) and OUT/report.html.
+
+    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli evaluate ... (same flags, --device cuda) deals the
+    batches out to the ranks, one per rank per round; rank 0 writes every image (byte for byte the files of
+    one process), scores.jsonl and the results. Several machines: torchrun --nnodes M --nproc-per-node N
+    --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID. N ranks make close to N times the images per
+    hour when there are many more batches than ranks; --resume works with any number of ranks
+    (docs/distributed.md).
+    """
+    from crdiff_cli.pipelines.conditioning import ImageInputs
+    from crdiff_cli.evaluation.metrics import parse_metrics
+    from crdiff_cli.evaluation.protocol import SCORES, parse_variants, prompts_hash, read_prompt_source, work_items
+    from crdiff_cli.pipelines.generation import GenerationSettings
+    from crdiff_cli.dual.unet import check_k
+    from crdiff_cli.pipelines.loading import torch_dtype
+    from crdiff_cli.pruning.profile_table import check_ratio_source
+    from crdiff_cli.pipelines.lora import prepare_loras
+    from crdiff_cli.pruning.resolution import Resolution
+    from crdiff_cli.validation import check_device, check_prompt
+
+    resolutions = list(dict.fromkeys(Resolution.parse(r) for r in res))
+    if (prompt is None) == (prompts_file is None):
+        raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
+    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompt_source(prompts_file)
+    check_prompt("--negative-prompt", negative_prompt, empty_ok=True)
+    if limit is not None:
+        if limit < 1:
+            raise CrdiffError(f"--limit {limit} must be at least 1")
+        prompts = prompts[:limit]
+    variant_list = parse_variants(variants)
+    k_warning = check_k(k)
+    check_ratio_source(ratios=ratios, profile=profile, resolution=resolutions[0])
+    for name, value in (("--num-images", num_images), ("--batch-size", batch_size)):
+        if value < 1:
+            raise CrdiffError(f"{name} {value} must be at least 1")
+    torch_dtype(dtype)
+    check_device(device)
+    inputs = ImageInputs(controlnet, control_image, control_scale, init_image, strength, mask_image)
+    inputs.check(model)
+    loras = prepare_loras(lora, model)
+    settings = {r: GenerationSettings(r, steps, guidance, negative_prompt, scheduler, inputs if inputs.active else None)
+                for r in resolutions}
+    seeds = list(range(seed, seed + num_images))
+    specs = parse_metrics(metrics, reference_images=reference_images, num_generated=len(prompts) * len(seeds))
+    identity = {"model": model, "resolutions": [str(r) for r in resolutions], "variants": variant_list, "k": k,
+                "ratios": ratios, "profile": profile, "metrics": [s.spec for s in specs],
+                "reference_images": str(reference_images.resolve()) if reference_images else None,
+                "prompts_sha256": prompts_hash(prompts), "num_prompts": len(prompts), "seeds": seeds, "steps": steps,
+                "guidance": guidance, "negative_prompt": negative_prompt, "scheduler": scheduler, "dtype": dtype,
+                "device": device, "batch_size": batch_size, "loras": [x.label for x in loras], **inputs.info()}
+    ranks = start_ranks(device)
+    ranks.on_main(lambda: _check_out(out_dir, identity, resume=resume, overwrite=overwrite))  # files: rank 0's
+    if k_warning:
+        warn(k_warning)
+    items = work_items(resolutions, variant_list, len(prompts), seeds)
+
+    from crdiff_cli.runtime.distributed import RankFailure
+    from crdiff_cli.evaluation.protocol import finish, start
+
+    with err.status(f"loading {model} and the metric models"):
+        session = start(model=model, identity=identity, settings=settings, prompts=prompts, specs=specs,
+                        reference_images=reference_images, k=k, ratios=ratios, profile=profile, dtype=dtype,
+                        device=device, out_dir=out_dir, resume=resume, overwrite=overwrite, warn=warn, ranks=ranks,
+                        loras=loras, inputs=inputs)
+    with _progress() as bars:
+        todo = session.pending(items, batch_size)
+        images = bars.add_task("images", total=len(items), completed=len(items) - sum(len(b) for b in todo))
+        try:
+            session.run(todo, on_batch=lambda n: bars.advance(images, n))
+        except RankFailure as exc:
+            raise RankFailure(f"{exc}; every finished batch is in {out_dir / SCORES}: add --resume to continue") from None
+    if not ranks.is_main:
+        return
+    with err.status("computing results"):
+        results = finish(session, items, variant_list, resolutions)
+    out.print(results_table(results.rows, specs, variant_list, [str(r) for r in resolutions]))
+    out.print(f"wrote {len(items)} images, scores.jsonl, results.csv/json, paired.csv and report.html to {out_dir}")
+
+
+def _check_out(out_dir: Path, identity: dict, *, resume: bool, overwrite: bool) -> None:
+    """--out can take this run (a new folder, or one whose scores.jsonl matches --resume/--overwrite); creates it."""
+    from crdiff_cli.evaluation.protocol import SCORES
+    from crdiff_cli.storage.atomic import check_writable, clean_stale
+    from crdiff_cli.storage.journal import check_journal, is_journal
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CrdiffError(f"--out {out_dir} is a file; pass a folder")
+    if not out_dir.parent.is_dir():
+        raise CrdiffError(f"the folder {out_dir.parent} for --out does not exist; create it first")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_journal(out_dir / SCORES, "evaluation"):
+        raise CrdiffError(f"output {out_dir} exists and is not a crdiff evaluation folder (no {SCORES}); crdiff never "
+                          "writes into what it did not create, even with --overwrite: choose another --out")
+    if out_dir.is_dir():
+        clean_stale(out_dir)
+        check_writable(out_dir)
+        check_journal(out_dir / SCORES, identity, resume=resume, overwrite=overwrite, kind="evaluation")
+    elif resume:
+        raise CrdiffError(f"no run in {out_dir} to resume; run without --resume to start one")
+    check_writable(out_dir.parent)
+    out_dir.mkdir(exist_ok=True)
+
+
+def results_table(rows: list[dict], specs, variants: list[str], resolutions: list[str]):
+    """Table 7's layout: a row per resolution, columns metric x variant, the best variant in bold."""
+    from rich.table import Table
+
+    from crdiff_cli.evaluation.metrics import LABELS
+    from crdiff_cli.evaluation.report import best_variants
+
+    best = best_variants(rows, specs)
+    by = {(r["resolution"], r["metric"], r["variant"]): r for r in rows}
+    table = Table(title="crdiff evaluate (mean; best in bold)")
+    table.add_column("resolution")
+    for s in specs:
+        for v in variants:
+            table.add_column(f"{LABELS[s.name]} {'↑' if s.higher_is_better else '↓'}\n{v}", justify="right")
+    for res in resolutions:
+        cells = []
+        for s in specs:
+            for v in variants:
+                r = by.get((res, s.name, v))
+                text = "" if r is None else f"{r['mean']:.4g}"
+                cells.append(f"[bold]{text}[/]" if (res, s.name, v) in best else text)
+        table.add_row(res, *cells)
+    return table
+
+
+def _progress():
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=err, transient=False)

@@ -1,0 +1,189 @@
+"""`crdiff generate`: text-to-image, live PyTorch path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from crdiff_cli.cli.shared import (CONTROL_IMAGE_HELP, CONTROL_SCALE_HELP, CONTROLNET_HELP, GUIDANCE_HELP,
+                                   INIT_IMAGE_HELP, LORA_HELP, MASK_IMAGE_HELP, MASKS_HELP, MODEL_HELP, PROFILE_HELP,
+                                   RATIOS_HELP, RES_HELP, SCHEDULER_HELP, STRENGTH_HELP, command, err, out, plural,
+                                   start_ranks, warn)
+from crdiff_cli.errors import CrdiffError
+
+
+@command
+def generate(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " With --artifact: the base model that "
+                              "supplies text encoders, tokenizers, VAE and scheduler."),
+    res: Optional[str] = typer.Option(None, "--res", help=RES_HELP + " Required, except with --artifact (default: "
+                                      "the artifact's)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.json: new or empty "
+                                 "(or a previous generate output, with --overwrite)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A UTF-8 file, one prompt per line (# comments)."),
+    k: Optional[float] = typer.Option(None, "--k", help="POA: e = e_dense + k (e_pruned - e_dense); 0 dense, 1 pruned. "
+                                      "default 1.5 (reference code; the card uses 1.2) or the artifact's."),
+    ratios: Optional[str] = typer.Option(None, "--ratios", help=RATIOS_HELP),
+    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP + " Default: the paper's profile "
+                                          "for the model family at --res (nearest resolution, with a warning)."),
+    dense: bool = typer.Option(False, "--dense", help="Run the unmodified model (no pruning, no POA)."),
+    compare: bool = typer.Option(False, "--compare", help="Also generate the dense image; write a labelled "
+                                 "dense | CR-Diff grid per prompt (compare_<i>.png)."),
+    seed: int = typer.Option(0, "--seed", help="First seed; image j of a prompt uses seed + j."),
+    num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt."),
+    steps: int = typer.Option(30, "--steps", help="Denoising steps."),
+    guidance: float = typer.Option(7.5, "--guidance", help=GUIDANCE_HELP),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
+    masks: str = typer.Option("copy", "--masks", help=MASKS_HELP),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs). Default fp32; "
+                                        "with a .safetensors artifact, the artifact's."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", help="A baked artifact (crdiff bake) whose UNet replaces "
+                                            "--model's: .safetensors runs on the live PyTorch path, .onnx through "
+                                            "ONNX Runtime. Its resolution, k and ratios are the defaults."),
+    provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime provider for an .onnx artifact: "
+                                           "tensorrt, cuda or cpu (default: the best available, in that order)."),
+    ort_fold_masks: bool = typer.Option(True, "--ort-fold-masks/--no-ort-fold-masks", help="ONNX Runtime: precompute "
+                                        "pruned weights at load (fast, +1 copy of the targets) or mask per call."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP),
+    controlnet: Optional[str] = typer.Option(None, "--controlnet", help=CONTROLNET_HELP),
+    control_image: Optional[Path] = typer.Option(None, "--control-image", help=CONTROL_IMAGE_HELP),
+    control_scale: float = typer.Option(1.0, "--control-scale", help=CONTROL_SCALE_HELP),
+    init_image: Optional[Path] = typer.Option(None, "--init-image", help=INIT_IMAGE_HELP),
+    strength: Optional[float] = typer.Option(None, "--strength", help=STRENGTH_HELP),
+    mask_image: Optional[Path] = typer.Option(None, "--mask-image", help=MASK_IMAGE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous crdiff generate output in --out "
+                                   "(a folder holding anything else is refused)."),
+):
+    """Text-to-image with CR-Diff (dense + pruned UNet combined by POA) on the live PyTorch path.
+
+    Writes OUT/<prompt>_<seed>.png (parameters as PNG text) and OUT/manifest.json. --controlnet,
+    --init-image and --mask-image use diffusers' matching pipeline around the same dual UNet.
+    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli generate ... (docs/distributed.md).
+    """
+    from crdiff_cli.storage.atomic import check_output
+    from crdiff_cli.pipelines.conditioning import ImageInputs
+    from crdiff_cli.dual.unet import MASK_MODES
+    from crdiff_cli.pipelines.generation import GenerationSettings
+    from crdiff_cli.dual.unet import check_k
+    from crdiff_cli.pipelines.prompts import read_prompts
+    from crdiff_cli.pipelines.image_folder import IMAGES
+    from crdiff_cli.pipelines.lora import fuse_loras, prepare_loras
+    from crdiff_cli.pipelines.loading import torch_dtype
+    from crdiff_cli.pruning.profile_table import check_ratio_source, get_profile
+    from crdiff_cli.pruning.ratios import Ratios
+    from crdiff_cli.pruning.resolution import Resolution
+    from crdiff_cli.validation import check_device, check_prompt
+
+    meta = _artifact_metadata(artifact, res, provider, ort_fold_masks)
+    resolution = Resolution.parse(res) if res is not None else meta.resolution
+    if (prompt is None) == (prompts_file is None):
+        raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
+    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompts(prompts_file)
+    check_prompt("--negative-prompt", negative_prompt, empty_ok=True)
+    warning = check_k(k) if k is not None else None
+    check_ratio_source(ratios=ratios, profile=profile, resolution=resolution)
+    if masks not in MASK_MODES:
+        raise CrdiffError(f"--masks {masks!r} is not a mask mode; use one of {', '.join(MASK_MODES)}")
+    wanted = None  # ratios asked for explicitly (an artifact brings its own)
+    if meta is not None:
+        from crdiff_cli.exporters.artifacts import check_run_options
+
+        wanted = Ratios.parse(ratios) if ratios is not None else get_profile(profile).ratios if profile else None
+        check_run_options(artifact, meta, k=k, ratios=wanted, dtype=str(torch_dtype(dtype)).removeprefix("torch.")
+                          if dtype else None, dense=dense, compare=compare, provider=provider, fold_masks=ort_fold_masks)
+        if artifact.suffix == ".safetensors" and meta.dtype == "float16":
+            dtype = dtype or "fp16"
+    dtype = dtype or "fp32"
+    if num_images < 1:
+        raise CrdiffError(f"--num-images {num_images} must be at least 1")
+    if dense and compare:
+        raise CrdiffError("--dense and --compare together make no sense; --compare already includes the dense image")
+    inputs = ImageInputs(controlnet, control_image, control_scale, init_image, strength, mask_image)
+    inputs.check(model, onnx=artifact is not None and artifact.suffix == ".onnx")
+    settings = GenerationSettings(resolution, steps, guidance, negative_prompt, scheduler,
+                                  inputs if inputs.active else None)
+    torch_dtype(dtype)
+    check_device(device)
+    check_output(out_dir, overwrite, IMAGES)
+    loras = prepare_loras(lora, model)
+    if warning:
+        warn(warning)
+
+    from crdiff_cli.dual.apply import apply_crdiff
+    from crdiff_cli.pipelines.images import crdiff_info
+    from crdiff_cli.pipelines.to_folder import generate_to_folder
+    from crdiff_cli.pipelines.schedulers import set_scheduler
+    from crdiff_cli.pipelines.loading import load_model
+    from crdiff_cli.pruning.profile_table import choose_ratios
+    from crdiff_cli.pruning.spec import PruneSpec
+
+    ranks = start_ranks(device)
+    with err.status(f"loading {model}"):
+        loaded = load_model(model, dtype=dtype, device=ranks.device(device))
+        fuse_loras(loaded.pipe, loras)
+        loaded.pipe = inputs.pipeline(loaded.pipe)
+    info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device,
+            **({"loras": [x.label for x in loras]} if loras else {}), **inputs.info()}
+    dual = None
+    if meta is not None:
+        from crdiff_cli.exporters.artifacts import attach_artifact
+
+        with err.status(f"loading {artifact}"):
+            dual, artifact_info = attach_artifact(loaded, artifact, meta, k=k, ratios=wanted, masks=masks,
+                                                  provider=provider, fold_masks=ort_fold_masks)
+        info.update(artifact_info)
+    elif dense:
+        info.update(mode="dense", k=0.0)
+    else:
+        choice = choose_ratios(loaded.family, ratios=ratios, profile=profile, resolution=resolution)
+        if choice.warning:
+            warn(choice.warning)
+        spec = PruneSpec.from_unet(loaded.unet, choice.ratios)
+        k = 1.5 if k is None else k
+        dual = apply_crdiff(loaded.pipe, spec, k=k, masks=masks)
+        info.update(crdiff_info(choice, spec, k, masks))
+    seeds = list(range(seed, seed + num_images))
+    from crdiff_cli.pipelines.image_folder import clear_image_folder
+
+    # empty, or a previous output that --overwrite replaces (check_output made sure); on rank 0, which writes
+    ranks.on_main(lambda: out_dir.is_dir() and clear_image_folder(out_dir))
+    set_scheduler(loaded.pipe, scheduler)
+    per_image = inputs.denoising_calls(loaded.pipe, steps) * (2 if compare else 1)
+    from crdiff_cli.storage.atomic import write_errors
+
+    with progress_bars() as bars, write_errors(out_dir):  # a disk filling up mid-run: one line, finished images kept
+        images = bars.add_task("images", total=len(prompts) * len(seeds) * (2 if compare else 1))
+        # under torchrun the images bar counts every rank's images; steps are per rank, so no steps bar
+        denoise = None if ranks.distributed else bars.add_task("steps", total=len(prompts) * len(seeds) * per_image)
+        records = generate_to_folder(loaded.pipe, prompts, seeds, settings, out_dir, model_info=info, dual=dual, compare=compare,
+                      on_step=None if denoise is None else lambda: bars.advance(denoise), on_image=lambda: bars.advance(images),
+                      ranks=ranks)
+    what = "dense" if dense else f"CR-Diff k={info['k']:g}, ratios {info['ratios']}"
+    if meta is not None:
+        what += f", from {artifact}" + (f" on {info['provider']}" if "provider" in info else "")
+    out.print(f"wrote {plural(len(records), 'image')} ({what}, {resolution} HxW, {steps} steps) to {out_dir}")
+
+
+def _artifact_metadata(artifact: Optional[Path], res: Optional[str], provider: Optional[str], fold_masks: bool):
+    """The artifact's metadata (read before any model is loaded), or None without --artifact."""
+    if artifact is None:
+        if res is None:
+            raise CrdiffError("--res HxW is required (only an --artifact brings its own resolution)")
+        if provider is not None or not fold_masks:
+            raise CrdiffError("--provider and --no-ort-fold-masks apply to .onnx artifacts; pass --artifact PATH")
+        return None
+    from crdiff_cli.exporters.artifacts import read_metadata
+
+    return read_metadata(artifact)
+
+
+def progress_bars():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=False)

@@ -1,0 +1,329 @@
+"""The dual UNet: a dense UNet and its pruned twin, combined by pruned output amplification (POA).
+
+For the same inputs, with ``e_d`` the dense output and ``e_p`` the pruned output, the dual UNet returns
+``e = e_d + k * (e_p - e_d)`` (``k = 0`` dense, ``k = 1`` pruned, ``k > 1`` amplified). It is a
+drop-in ``unet`` for diffusers' Stable Diffusion pipelines, so every UNet call, both halves of a
+classifier-free-guidance batch included, goes through it.
+
+Memory: the twin is not a copy. During the pruned pass each target layer's ``weight`` is swapped for
+its pruned version, and put back right after; every other parameter is simply the same tensor, and
+outside the pruned pass the UNet is exactly the plain module (its ``state_dict``, its parameters, what
+``save_pretrained`` or ``ControlNetModel.from_unet`` read). The pruned weight is either a masked copy
+kept resident (``masks="copy"``: +targets' size, all copies in one allocation, see
+:func:`masked_copy_slots`; saves the masking, which matters where a UNet pass is short: small latents,
+GPUs) or computed per layer on the fly from the dense weight (``masks="on-the-fly"``: no resident copy,
+one fused ``hardshrink`` per layer per pass, made right before the layer runs and dropped after it).
+
+A masked copy is never stale: each remembers which tensor (and which in-place version of it) it was
+made from, and is made again before a pruned pass when the weight was replaced or changed in place
+(a LoRA fused after attaching, an optimizer step). Weights created under ``torch.inference_mode`` keep
+no version counter; for those only a replaced tensor is noticed.
+
+Exactness: the combination uses ``torch.lerp``, which returns ``e_d`` exactly at ``k = 0``, ``e_p``
+exactly at ``k = 1`` and ``e_d`` exactly when both branches agree; ``k = 0`` and ``k = 1`` also skip the
+branch whose weight is zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import weakref
+from pathlib import Path
+
+import torch
+from diffusers import ModelMixin
+from torch import nn
+
+from crdiff_cli import defaults
+from crdiff_cli.errors import CrdiffError, ParameterError
+from crdiff_cli.pruning.spec import PruneSpec, check_matches, pruned_weight
+
+MASK_MODES = ("copy", "on-the-fly")
+SETTINGS_FILE = "crdiff.json"  # next to the dense UNet's config.json in a saved pipeline's unet/ folder
+SETTINGS_FORMAT = "crdiff-dual-unet-settings/1"
+_ATTACHED = "_crdiff_dual"  # attribute a UNet carries while a DualUNet is attached to it (a weak reference)
+
+
+class Branch:
+    """Which branch the shared target weights currently serve (read by the ONNX export's layers)."""
+
+    pruned = False
+
+
+def check_k(k: float) -> str | None:
+    """Validate the POA coefficient; returns a warning for unusually large values."""
+    if not isinstance(k, (int, float)) or not math.isfinite(k) or k < 0:
+        raise ParameterError("k", k, "must be a finite number >= 0 (0 = dense, 1 = pruned, >1 amplifies; paper: 1.2-1.5)")
+    return f"k = {k:g} is far above the paper's range (1.2-1.5); images may degrade" if k > 3 else None
+
+
+def check_masks(masks: str) -> str:
+    if masks not in MASK_MODES:
+        raise ParameterError("masks", repr(masks), f"is not a mask mode; use one of {', '.join(MASK_MODES)}")
+    return masks
+
+
+def attached_dual(unet: nn.Module) -> "DualUNet | None":
+    """The DualUNet currently attached to ``unet`` (or ``unet`` itself if it is one), else None."""
+    if isinstance(unet, DualUNet):
+        return unet
+    ref = unet.__dict__.get(_ATTACHED)
+    return ref() if ref is not None else None
+
+
+class _Target:
+    """One target layer: its group, its pruned weight in the pruned pass, and how to put the dense one back.
+
+    ``slot`` is this weight's place in the dual UNet's one buffer of masked copies (copy mode), or None
+    (on-the-fly mode: the pruned weight is computed from the dense one right before the layer runs).
+    ``made_from`` identifies the dense tensor (and its in-place version) the masked copy was made from.
+    """
+
+    def __init__(self, group: str, module: nn.Module, slot: torch.Tensor | None):
+        self.group = group
+        self.module = module
+        self.slot = slot
+        self.slot_param = nn.Parameter(slot, requires_grad=False) if slot is not None else None  # what is swapped in
+        self.threshold: float | None = None
+        self.made_from: tuple | None = None
+        self.dense: nn.Parameter | None = None  # the dense weight while the pruned one is swapped in
+
+    def identity(self) -> tuple:
+        """What the dense weight is now: the parameter, its memory and its in-place version."""
+        weight = self.module._parameters["weight"]
+        try:
+            version = weight._version
+        except RuntimeError:  # an inference tensor keeps no version counter
+            version = None
+        return id(weight), weight.data_ptr(), version
+
+    def remask(self, threshold: float | None) -> None:
+        """Make the masked copy again (copy mode), in place: writing into fresh memory costs ~20x the
+        masking itself (page faults), and a search re-masks at every candidate. A weight moved to another
+        device or dtype since the slot was made gets a slot of its own."""
+        self.threshold = threshold
+        if self.slot is not None and threshold is not None:
+            weight = self.module._parameters["weight"]
+            if (self.slot.shape, self.slot.dtype, self.slot.device) != (weight.shape, weight.dtype, weight.device):
+                self.slot = torch.empty_like(weight, requires_grad=False)
+                self.slot_param = nn.Parameter(self.slot, requires_grad=False)
+            with torch.no_grad():
+                torch.hardshrink(weight, threshold, out=self.slot)
+            self.made_from = self.identity()
+
+    def swap_in(self) -> None:
+        if self.threshold is None:
+            return
+        self.dense = self.module._parameters["weight"]
+        if self.slot is not None:
+            if self.made_from != self.identity():
+                self.remask(self.threshold)
+            self.module._parameters["weight"] = self.slot_param
+        else:
+            pruned = pruned_weight(self.dense, self.threshold)
+            self.module._parameters["weight"] = nn.Parameter(pruned, requires_grad=False)
+
+    def swap_out(self) -> None:
+        if self.dense is not None:
+            self.module._parameters["weight"] = self.dense
+            self.dense = None
+
+
+class DualUNet(ModelMixin):
+    """A dense UNet plus its pruned twin (sharing all weights) returning ``e_d + k * (e_p - e_d)``.
+
+    The UNet is used in place and computes exactly as before outside the pruned pass; :meth:`release`
+    detaches the dual UNet and returns the plain UNet. A UNet takes one DualUNet at a time: wrapping a
+    DualUNet, or a UNet that already has one, is refused (``apply_crdiff`` replaces instead).
+
+    It is a diffusers model, so ``pipe.save_pretrained`` saves it: the dense UNet as diffusers saves any
+    UNet, plus ``crdiff.json`` (ratios, thresholds, k, masks); ``DiffusionPipeline.from_pretrained`` on
+    that folder gives the same dual UNet back (see :meth:`from_pretrained`).
+    """
+
+    def __init__(self, unet: nn.Module, spec: PruneSpec, k: float = defaults.K, masks: str = defaults.MASKS):
+        super().__init__()
+        check_masks(masks)
+        check_k(k)
+        if attached_dual(unet) is not None:
+            raise CrdiffError("this UNet already has CR-Diff applied (a DualUNet); remove it first "
+                              "(remove_crdiff(pipe) or dual.release()), or call apply_crdiff again, which replaces it")
+        self.unet = unet
+        self.k = float(k)
+        self.masks = masks
+        self._branch = Branch()
+        self._hooks: list = []
+        groups = _checked_targets(unet, spec)  # refuse a wrong spec before any change
+        targets = [(group, name, w) for group, weights in groups.items() for name, w in weights]
+        slots = masked_copy_slots([w for _, _, w in targets]) if masks == "copy" else [None] * len(targets)
+        self._targets = [_Target(group, unet.get_submodule(name.removesuffix(".weight")), slot)
+                         for (group, name, _), slot in zip(targets, slots)]
+        if masks == "on-the-fly":  # each layer's pruned weight exists only while that layer runs
+            for target in self._targets:
+                self._hooks.append(target.module.register_forward_pre_hook(self._pre_hook(target)))
+                self._hooks.append(target.module.register_forward_hook(lambda *_, t=target: t.swap_out()))
+        unet.__dict__[_ATTACHED] = weakref.ref(self)
+        self.spec: PruneSpec | None = None
+        self.set_spec(spec)
+
+    def _pre_hook(self, target: _Target):
+        def swap(*_):
+            if self._branch.pruned:
+                target.swap_in()
+        return swap
+
+    def set_spec(self, spec: PruneSpec) -> None:
+        """Switch to another ratio set's thresholds; a group is re-masked when its threshold changed or one
+        of its weights did since it was masked.
+
+        The spec must come from this UNet as loaded (``PruneSpec.from_unet(dual, ...)`` or ``(dual.unet, ...)``):
+        one computed on another shape or in another dtype has other thresholds, and is refused here
+        rather than run inexactly.
+        """
+        _checked_targets(self.unet, spec)
+        new = spec.thresholds()
+        for target in self._targets:
+            if target.threshold != new[target.group] or target.made_from != target.identity() or self.spec is None:
+                target.remask(new[target.group])
+        self.spec = spec
+
+    def forward(self, *args, **kwargs):
+        if self.k == 0 or all(t is None for t in self.spec.thresholds().values()):
+            return self.unet(*args, **kwargs)
+        if self.k == 1:
+            return self._pruned(*args, **kwargs)
+        # Both passes get the same inputs. The UNet consumes list arguments in place (T2I-Adapter residuals
+        # are popped from ``down_intrablock_additional_residuals``), so the pruned pass gets its own lists;
+        # the tensors themselves (ControlNet residuals included) are shared, never recomputed.
+        pruned_kwargs = {name: list(v) if isinstance(v, list) else v for name, v in kwargs.items()}
+        dense = self.unet(*args, **kwargs)
+        pruned = self._pruned(*args, **pruned_kwargs)
+        if isinstance(dense, tuple):
+            return (torch.lerp(dense[0], pruned[0], self.k), *dense[1:])
+        dense.sample = torch.lerp(dense.sample, pruned.sample, self.k)
+        return dense
+
+    def _pruned(self, *args, **kwargs):
+        self._branch.pruned = True
+        swapped = [t for t in self._targets if t.slot is not None]
+        try:
+            for target in swapped:
+                target.swap_in()
+            return self.unet(*args, **kwargs)
+        finally:
+            self._branch.pruned = False
+            for target in self._targets:
+                target.swap_out()
+
+    def masked_copies(self) -> list[torch.Tensor]:
+        """The resident masked copies of copy mode (empty on the fly), one per pruned target weight."""
+        return [t.slot for t in self._targets if t.slot is not None and t.threshold is not None]
+
+    def release(self) -> nn.Module:
+        """Detach from the UNet (its weights were never changed), free the masked copies, return the plain UNet."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._targets.clear()
+        if self.unet.__dict__.get(_ATTACHED) is not None and self.unet.__dict__[_ATTACHED]() is self:
+            del self.unet.__dict__[_ATTACHED]
+        return self.unet
+
+    def settings(self) -> dict:
+        """What :meth:`save_pretrained` writes beside the dense UNet: enough to attach the same dual UNet again."""
+        return {"format": SETTINGS_FORMAT, "k": self.k, "masks": self.masks, "spec": self.spec.to_dict()}
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Save the dense UNet as diffusers does, plus ``crdiff.json`` with ratios, thresholds, k and masks.
+
+        A spec chosen by a custom target filter cannot be written (a function is not data): refused.
+        """
+        if self.spec.target_filter is not None:
+            raise CrdiffError("this dual UNet's targets were chosen by a custom target_filter, which cannot be "
+                              "saved; save the plain pipeline (remove_crdiff(pipe) first) and apply again after loading")
+        self.unet.save_pretrained(save_directory, *args, **kwargs)
+        path = Path(save_directory) / SETTINGS_FILE
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.settings(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "DualUNet":
+        """Load a folder written by :meth:`save_pretrained`: the dense UNet, then the same dual UNet over it.
+
+        The thresholds are taken again on the loaded weights and must equal the saved ones (they do when the
+        weights are the saved ones, in the same dtype); otherwise the folder is refused.
+        """
+        from diffusers import UNet2DConditionModel
+
+        folder = Path(pretrained_model_name_or_path)
+        if kwargs.get("subfolder"):
+            folder = folder / kwargs["subfolder"]
+        try:
+            settings = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CrdiffError(f"{folder} has no readable {SETTINGS_FILE} ({exc}); it is not a saved CR-Diff UNet") from None
+        if settings.get("format") != SETTINGS_FORMAT:
+            raise CrdiffError(f"{folder / SETTINGS_FILE} is not a {SETTINGS_FORMAT} file")
+        unet = UNet2DConditionModel.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        saved = PruneSpec.from_dict(settings["spec"])
+        spec = PruneSpec.from_unet(unet, saved.ratios)
+        if spec.thresholds() != saved.thresholds():
+            raise CrdiffError(f"the UNet in {folder} gives other thresholds than {SETTINGS_FILE} records "
+                              f"({spec.thresholds()} vs {saved.thresholds()}); load it in the dtype it was saved in")
+        return cls(unet, spec, k=settings["k"], masks=settings["masks"])
+
+    def __getattr__(self, name: str):
+        # Pipelines read unet.config, unet.add_embedding, ...: serve them from the dense UNet.
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            return getattr(nn.Module.__getattr__(self, "unet"), name)
+
+
+def _checked_targets(unet: nn.Module, spec: PruneSpec) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The UNet's target weights by group, after refusing a spec that was not computed on this UNet as loaded."""
+    weights = check_matches(unet, spec)
+    dtypes = {str(p.dtype).removeprefix("torch.") for ws in weights.values() for _, p in ws}
+    if any(t is not None for t in spec.thresholds().values()) and dtypes != {spec.dtype}:
+        raise CrdiffError(f"the prune spec's thresholds were taken on {spec.dtype} weights but this UNet's targets "
+                          f"are {', '.join(sorted(dtypes))}; thresholds are exact only in the weights' own dtype: "
+                          "recompute the spec on the model as loaded (PruneSpec.from_unet)")
+    return weights
+
+
+def masked_copy_slots(weights: list[torch.Tensor], align_bytes: int = 64) -> list[torch.Tensor]:
+    """Uninitialised tensors shaped like ``weights``: views of ONE allocation per dtype and device.
+
+    One block of the targets' total size (0.79 GB for SD1.5) instead of 96 allocations of 0.4-50 MB:
+    the masked copies are not scattered among the activations in the C allocator's heap (left at its
+    defaults, glibc maps a block this large on its own; a caching allocator holds it as one segment),
+    so they do not change where the dense pass's temporaries go, and :meth:`DualUNet.release` frees
+    them as one block. Each slot starts at a multiple of ``align_bytes``, as aligned as a fresh tensor.
+    """
+    slots: list[torch.Tensor | None] = [None] * len(weights)
+    kinds: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, w in enumerate(weights):
+        kinds.setdefault((w.dtype, w.device), []).append(i)
+    for (dtype, device), indices in kinds.items():
+        align = max(1, align_bytes // torch.empty((), dtype=dtype).element_size())
+        sizes = [-(-weights[i].numel() // align) * align for i in indices]
+        buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
+        for i, chunk in zip(indices, buffer.split(sizes)):
+            slots[i] = chunk[: weights[i].numel()].view(weights[i].shape)
+    return slots
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes of all distinct tensors a module keeps (parameters, buffers and a dual UNet's masked copies,
+    shared ones counted once)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    dual = attached_dual(module) if isinstance(module, nn.Module) else None
+    if dual is not None:
+        tensors += dual.masked_copies()
+    seen: dict[int, int] = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())

@@ -1,0 +1,138 @@
+"""``report.html``: one page to judge an evaluation — the table, bar charts with CI whiskers, the images.
+
+Self-contained: styles and charts (inline SVG) are in the page, nothing is fetched from the network;
+images are the evaluation's own PNGs, referenced relative to the page (it lives in the output folder),
+so the page stays small for thousands of images. Every text is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+from crdiff_cli.evaluation.metrics import LABELS
+
+STYLE = """body{font:14px system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}.best{font-weight:bold}
+.charts{display:flex;flex-wrap:wrap;gap:16px}.prompt{margin:14px 0;border-top:1px solid #ddd;padding-top:8px}
+.row{display:flex;gap:10px;flex-wrap:wrap}figure{margin:0;text-align:center}figcaption{font-size:12px}
+img{max-width:256px;min-width:96px;image-rendering:auto}small{color:#666}"""
+COLORS = {"dense": "#8c8c8c", "pruned": "#4c78a8", "crdiff": "#e45756"}
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else escape(str(value))
+
+
+def best_variants(rows: list[dict], specs) -> set[tuple[str, str, str]]:
+    """``(resolution, metric, variant)`` of the best mean per resolution and metric (FID: lowest)."""
+    best = set()
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["resolution"], row["metric"]), []).append(row)
+    direction = {s.name: (1 if s.higher_is_better else -1) for s in specs}
+    for (res, metric), group in groups.items():
+        if len(group) > 1:
+            top = max(group, key=lambda r: direction[metric] * r["mean"])
+            best.add((res, metric, top["variant"]))
+    return best
+
+
+def _table(rows, specs, variants, resolutions) -> str:
+    by = {(r["resolution"], r["metric"], r["variant"]): r for r in rows}
+    best = best_variants(rows, specs)
+    head = "".join(f"<th colspan={len(variants)}>{escape(LABELS[s.name])} {'↑' if s.higher_is_better else '↓'}</th>"
+                   for s in specs)
+    sub = "".join(f"<th>{escape(v)}</th>" for _ in specs for v in variants)
+    body = ""
+    for res in resolutions:
+        cells = ""
+        for s in specs:
+            for v in variants:
+                r = by.get((res, s.name, v))
+                title = f"95% CI {_fmt(r['ci_low'])}..{_fmt(r['ci_high'])}, n={r['n']}" if r else ""
+                cls = " class=best" if (res, s.name, v) in best else ""
+                cells += f"<td{cls} title='{escape(title)}'>{_fmt(r['mean']) if r else ''}</td>"
+        body += f"<tr><th>{escape(res)}</th>{cells}</tr>"
+    return f"<table><tr><th rowspan=2>resolution</th>{head}</tr><tr>{sub}</tr>{body}</table>"
+
+
+def _chart(rows, spec, variants, resolutions) -> str:
+    """Bars of the mean per resolution and variant, whiskers for the 95% interval (SVG)."""
+    data = [(res, v, r) for res in resolutions for v in variants
+            for r in rows if r["resolution"] == res and r["variant"] == v and r["metric"] == spec.name]
+    if not data:
+        return ""
+    values = [x for _, _, r in data for x in (r["mean"], r["ci_low"], r["ci_high"]) if x is not None]
+    low, high = min(0.0, *values), max(0.0, *values)
+    span = (high - low) or 1.0
+    width, height, bar = 40 + 26 * len(data) + 12 * len(resolutions), 180, 22
+
+    def y(value):
+        return 20 + (high - value) / span * (height - 50)
+
+    parts, x = [], 40
+    for i, (res, v, r) in enumerate(data):
+        if i and data[i - 1][0] != res:
+            x += 12
+        top, zero = y(max(r["mean"], 0)), y(min(r["mean"], 0))
+        parts.append(f"<rect x={x} y={top:.1f} width={bar} height={max(zero - top, 0.5):.1f} fill='{COLORS[v]}'>"
+                     f"<title>{escape(res)} {escape(v)}: {_fmt(r['mean'])}</title></rect>")
+        if r["ci_low"] is not None:
+            cx = x + bar / 2
+            parts.append(f"<path d='M{cx} {y(r['ci_low']):.1f}V{y(r['ci_high']):.1f}M{cx - 5} {y(r['ci_low']):.1f}"
+                         f"h10M{cx - 5} {y(r['ci_high']):.1f}h10' stroke='#000'/>")
+        x += 26
+    axis = f"<line x1=36 x2={width} y1={y(0):.1f} y2={y(0):.1f} stroke='#999'/>"
+    ticks = "".join(f"<text x=2 y={y(t) + 4:.1f} font-size=10>{t:.3g}</text>" for t in (low, high))
+    title = f"<text x=40 y=12 font-size=12>{escape(LABELS[spec.name])} (95% CI)</text>"
+    return (f"<svg width={width} height={height} role=img>"
+            f"{title}{ticks}{axis}{''.join(parts)}</svg>")
+
+
+def _paired_table(pairs) -> str:
+    if not pairs:
+        return ""
+    rows = "".join(f"<tr><td>{escape(p['resolution'])}</td><td>{escape(LABELS[p['metric']])}</td>"
+                   f"<td>{escape(p['a'])} − {escape(p['b'])}</td><td>{_fmt(p['mean_diff'])}</td>"
+                   f"<td>{_fmt(p['ci_low'])} .. {_fmt(p['ci_high'])}</td><td>{p['win_rate']:.0%}</td>"
+                   f"<td>{_fmt(p['p_value'])}</td></tr>" for p in pairs)
+    return ("<h2>Paired differences</h2><table><tr><th>resolution</th><th>metric</th><th>pair</th>"
+            "<th>mean diff</th><th>95% CI</th><th>win rate</th><th>p (Wilcoxon)</th></tr>" + rows + "</table>")
+
+
+def _gallery(records, prompts, variants, resolutions) -> str:
+    images: dict[tuple, str] = {}
+    scores: dict[tuple, list[str]] = {}
+    for r in records:
+        key = (r["resolution"], r["prompt_index"], r["seed"], r["variant"])
+        images[key] = r["image"]
+        if r["metric"] is not None:
+            scores.setdefault(key, []).append(f"{LABELS[r['metric']]} {r['score']:.3f}")
+    out = []
+    for res in resolutions:
+        out.append(f"<h2>Images at {escape(res)}</h2>")
+        cases = sorted({(i, s) for (rs, i, s, _) in images if rs == res})
+        for index, seed in cases:
+            figures = ""
+            for v in variants:
+                key = (res, index, seed, v)
+                if key in images:
+                    figures += (f"<figure><img src='{escape(images[key])}' alt='{escape(v)}'><figcaption><b>"
+                                f"{escape(v)}</b><br>{escape(', '.join(scores.get(key, [])))}</figcaption></figure>")
+            out.append(f"<div class=prompt><div>#{index} seed {seed}: {escape(prompts[index])}</div>"
+                       f"<div class=row>{figures}</div></div>")
+    return "".join(out)
+
+
+def render(*, title: str, run: dict, results, records: list[dict], specs, variants: list[str],
+           resolutions: list[str], prompts: list[str]) -> str:
+    """The whole page as a string."""
+    charts = "".join(_chart(results.rows, s, variants, resolutions) for s in specs)
+    legend = " ".join(f"<span style='color:{COLORS[v]}'>■</span> {escape(v)}" for v in variants)
+    settings = escape(", ".join(f"{k}={v}" for k, v in run.items() if k not in ("prompts_sha256",)))
+    return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1><p><small>{settings}</small></p>"
+            f"{_table(results.rows, specs, variants, resolutions)}<p><small>bold: best variant per resolution "
+            f"and metric; hover a value for its 95% bootstrap interval</small></p>"
+            f"<h2>Means with 95% intervals</h2><p>{legend}</p><div class=charts>{charts}</div>"
+            f"{_paired_table(results.paired)}{_gallery(records, prompts, variants, resolutions)}</body></html>\n")
