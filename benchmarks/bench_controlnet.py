@@ -1,6 +1,6 @@
 """Benchmark: a ControlNet denoising step with the dual UNet vs the dense UNet (SD1.5 architecture, CPU).
 
-Issue 10's target: dual step with ControlNet <= 1.9x the dense step with ControlNet, because the
+The ControlNet target: dual step with ControlNet <= 1.9x the dense step with ControlNet, because the
 ControlNet pass is shared by both branches (the pipeline runs it once per step; the DualUNet passes its
 residuals to the dense and to the pruned pass). A step here is what diffusers' ControlNet pipeline does
 per step under classifier-free guidance: one ControlNet call on the batch of 2, then one UNet call with

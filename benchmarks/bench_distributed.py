@@ -1,6 +1,6 @@
 """Benchmark: `crdiff generate`, `evaluate` and `search` under torchrun, 2 ranks vs 1, on the SD1.5 UNet architecture.
 
-Targets (issue 9): with 2 ranks of 1 thread each against 1 rank of 1 thread, >= 1.8x images per hour
+Targets: with 2 ranks of 1 thread each against 1 rank of 1 thread, >= 1.8x images per hour
 (generate, evaluate) and >= 1.8x evaluations per hour (search); communication and coordination <= 1% of an
 evaluation's time.
 

@@ -1,6 +1,6 @@
 """Benchmark: the dual UNet (POA) on the real SD1.5 UNet architecture (seeded random weights, fp32, CPU).
 
-Issue 3's targets, measured:
+The dual UNet's targets, measured:
 
   memory  resident weight bytes of a DualUNet vs the dense UNet: <= 1.25x with ``masks="copy"``,
           <= 1.02x with ``masks="on-the-fly"``. The reference implementation deep-copies the whole

@@ -1,6 +1,6 @@
 """Benchmark: `crdiff evaluate`'s bookkeeping and --batch-size, on the SD1.5 UNet architecture (random weights), CPU.
 
-Targets (issue 8):
+Targets:
   (1) bookkeeping — everything but generating and metric-model scoring: writing PNGs, the scores journal
       (append + fsync), choosing what is pending, results/paired/report — <= 2% of an image's generation time;
   (2) images per hour with --batch-size 4 vs 1.

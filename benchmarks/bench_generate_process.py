@@ -1,6 +1,6 @@
 """Benchmark: `crdiff generate` as users run it, whole process, on the real SD1.5 UNet architecture.
 
-Issue 13's targets: per denoising step, CR-Diff (k = 1.5, default mask mode) costs <= 2.05x ``--dense``
+The whole-process targets: per denoising step, CR-Diff (k = 1.5, default mask mode) costs <= 2.05x ``--dense``
 (two UNet passes are the floor) and ``--k 0 --ratios ...`` (the dual UNet built, only its dense pass
 run) <= 1.05x ``--dense``, at 8x8 and 32x32 latents (64x64 and 256x256 images) with 1 and 2 threads.
 

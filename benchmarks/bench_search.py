@@ -1,6 +1,6 @@
 """Benchmark: the ratio search's cost per evaluation on the SD1.5 UNet architecture (random weights), CPU.
 
-Targets (issue 4):
+Targets:
   (1) time per evaluation minus generation and scoring (re-thresholding, re-masking, journal fsync,
       bookkeeping) <= 2% of the evaluation;
   (2) evaluations per hour >= 3x a reference-style loop that, for every evaluation, starts a fresh

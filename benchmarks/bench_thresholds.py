@@ -7,7 +7,7 @@ Compares, for CR-Diff's three pruning groups (down/mid/up):
   (c) cached    ``stats.spec(other_ratios)`` on an existing PruneStats: the case a ratio search hits
                 once per candidate (each new ratio set needs only the second radix pass)
 
-Targets (issue 2): (b) >= 5x faster than (a), extra peak memory <= 10% of the UNet's parameter bytes,
+Targets: (b) >= 5x faster than (a), extra peak memory <= 10% of the UNet's parameter bytes,
 thresholds (and pruned counts) identical to (a).
 
 How memory is measured: every method runs in its own fresh subprocess, which builds the UNet (seeded

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crdiff_cli.errors import CrdiffError
+from crdiff_cli import defaults
+from crdiff_cli.errors import CrdiffError, ParameterError
 from crdiff_cli.exporters.metadata import ArtifactMetadata, comparable_config
 
 FORMATS = {".safetensors": "safetensors", ".onnx": "onnx"}
@@ -93,46 +94,15 @@ def check_base(meta: ArtifactMetadata, unet_config, base: str) -> None:
     if differing:
         shown = ", ".join(f"{k} ({theirs.get(k)!r} vs {ours.get(k)!r})" for k in differing[:3])
         more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
-        raise CrdiffError(f"--model {base} has another UNet config than the artifact: {shown}{more}; pass the base "
-                          "model the artifact was baked from")
-
-
-def check_run_options(path: Path, meta: ArtifactMetadata, *, k: float | None, ratios, dtype: str | None,
-                      dense: bool = False, compare: bool = False, provider: str | None = None,
-                      fold_masks: bool = True) -> None:
-    """Refuse, before anything is loaded, generate options that the artifact at ``path`` cannot honour.
-
-    ``ratios`` is a :class:`~crdiff_cli.pruning.ratios.Ratios` or None; ``dtype`` a torch dtype name or None.
-    """
-    if dense:
-        raise CrdiffError("--dense runs the base model as it is; drop --artifact or --dense")
-    if format_of(path) == "safetensors":
-        if provider is not None or not fold_masks:
-            raise CrdiffError("--provider and --no-ort-fold-masks apply to .onnx artifacts; a .safetensors artifact "
-                              "runs on the live PyTorch path")
-        if dtype is not None and dtype != meta.dtype:
-            raise CrdiffError(f"the artifact's weights are {meta.dtype}; omit --dtype or pass the matching one")
-        return
-    if compare:
-        raise CrdiffError("--compare needs the dense model, which an ONNX artifact does not expose; use the "
-                          ".safetensors artifact")
-    if k is not None and k != meta.k:
-        raise CrdiffError(f"k = {meta.k:g} is folded into the ONNX artifact; re-bake it for --k {k:g} (or use a "
-                          ".safetensors artifact, whose k can change)")
-    if ratios is not None and ratios != meta.spec.ratios:
-        raise CrdiffError(f"the ONNX artifact's thresholds are for ratios {meta.spec.ratios}; re-bake it for "
-                          f"{ratios} (or use a .safetensors artifact)")
-    if provider is not None:
-        from crdiff_cli.exporters.onnx_runtime import choose_providers
-
-        choose_providers(provider)
+        raise ParameterError("model", base, f"has another UNet config than the artifact: {shown}{more}; pass the "
+                             "base model the artifact was baked from")
 
 
 def attach_artifact(loaded, path: Path, meta: ArtifactMetadata, *, k: float | None = None, ratios=None,
-                    masks: str = "copy", provider: str | None = None, fold_masks: bool = True):
+                    masks: str = defaults.MASKS, provider: str | None = None, fold_masks: bool = True):
     """Replace ``loaded.pipe.unet`` by the artifact's; returns ``(dual or None, info)``.
 
-    Call :func:`check_run_options` first. On the live path (safetensors) ``k`` / ``ratios`` override
+    On the live path (safetensors) ``k`` / ``ratios`` override
     the baked ones; ``dual`` is the DualUNet there and None for ONNX, whose k is fixed.
     """
     check_base(meta, loaded.unet.config, loaded.source)

@@ -1,7 +1,7 @@
 """What every crdiff artifact says about itself: a flat ``{str: str}`` table shared by both formats.
 
 A baked dual UNet is the dense weights plus a :class:`~crdiff_cli.pruning.spec.PruneSpec` plus ``k``
-(DESIGN §1: the pruned twin is fully determined by the dense weights, the target rule and three
+(the pruned twin is fully determined by the dense weights, the target rule and three
 thresholds). The same table goes into a safetensors header (``__metadata__``) and into an ONNX
 model's ``metadata_props``, so one reader serves both formats and another runtime needs nothing but
 ``docs/artifacts.md``. Thresholds are stored twice: as the bit pattern in the weights' dtype (the

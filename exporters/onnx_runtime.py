@@ -1,7 +1,7 @@
 """Running an ONNX artifact with ONNX Runtime: provider choice, the mask-folding trade-off, and a
 ``unet`` adapter so diffusers' Stable Diffusion pipelines can call the graph.
 
-Mask folding (DESIGN §5): at session creation ONNX Runtime constant-folds every node whose inputs are
+Mask folding: at session creation ONNX Runtime constant-folds every node whose inputs are
 all initializers, so each in-graph ``Where(|W| > t, W, 0)`` becomes a precomputed masked copy: the
 pruned pass then runs as fast as the dense one, at the price of a second resident copy of the target
 weights. ``fold_masks=False`` disables the ``ConstantFolding`` optimizer (session config

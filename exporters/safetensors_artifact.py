@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crdiff_cli.errors import CrdiffError
 from crdiff_cli.exporters.metadata import ArtifactError, ArtifactMetadata, weights_sha256
 from crdiff_cli.errors import first_line
 

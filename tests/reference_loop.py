@@ -1,8 +1,8 @@
-"""The reference code's simulated-annealing loop, restated plainly from issue 12 (and DESIGN.md §1).
+"""The reference code's simulated-annealing loop, restated plainly (docs/search.md describes it step by step).
 
 This is the oracle the tests compare crdiff's annealer against, candidate for candidate. It is
 written independently of crdiff_cli.search.annealing, in the reference's own terms (scores, higher is
-better; ratios as a dict; one module-level style loop), following the issue's text line by line.
+better; ratios as a dict; one module-level style loop), following the rule's description line by line.
 ``score_of(down, mid, up)`` is the objective; a candidate's score is cached under its ratios rounded
 to 4 decimals, so a repeat within 4 decimals reuses the earlier score, as the reference's cache does.
 """

@@ -6,27 +6,21 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from crdiff_cli.storage.atomic import OutputKind
-from crdiff_cli.cli import app
 from crdiff_cli.pruning.profile_table import get_profile
 from crdiff_cli.pruning.spec import PruneSpec, prune_
 from crdiff_cli.pruning.ratios import Ratios
+from helpers import invoke, run
 
 UNET_FILES = {"config.json", "diffusion_pytorch_model.safetensors"}
 CRDIFF = Path(sys.executable).parent / "crdiff"  # the console script of the environment running the tests
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -245,7 +239,7 @@ BAD = [
     (["--profile", "sd15@123x456"], "unknown profile"),
     (["--ratios", "0.1/0.1/0.1", "--profile", "sd15@512x512"], "--ratios and --profile"),
     (["--ratios", "0.1/0.1/0.1", "--dtype", "fp64"], "unknown dtype"),
-    ([], "no ratios given"),
+    ([], "--ratios missing"),
 ]
 
 
@@ -314,10 +308,6 @@ def test_profiles_family_filter():
 
 
 # --- real processes -------------------------------------------------------------------------------------
-
-def run(*cmd, **kwargs):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kwargs)
-
 
 def test_console_script_prune(tmp_path, load_tiny):
     """The installed `crdiff` entry point, as a user runs it (env carries HF_HUB_OFFLINE, CRDIFF_CACHE)."""

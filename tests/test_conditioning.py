@@ -15,9 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from crdiff_cli.cli import app
 from crdiff_cli.pipelines.conditioning import ImageInputs, check_controlnet_fits
 from crdiff_cli.dual.unet import DualUNet
 from crdiff_cli.errors import CrdiffError
@@ -28,19 +26,11 @@ from crdiff_cli.pipelines.loading import load_model
 from crdiff_cli.pruning.spec import PruneSpec, prune_
 from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pruning.resolution import Resolution
+from helpers import invoke, ok
 
 RATIOS = "0.3/0.25/0.35"
 RES = Resolution(64, 48)  # HEIGHTxWIDTH
 PROMPT, SEED = "a lighthouse", 4
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -23,6 +23,8 @@ from crdiff_cli.storage.journal import read_journal
 SEARCH = ["search", "--model", "tiny", "--res", "32x32", "--scorer", "tiny", "--steps", "1", "--image-seeds", "1,2,3",
           "--iters", "7", "--bounds", "0.3:0.33", "--seed", "7"]
 
+pytestmark = pytest.mark.slow  # real torchrun processes: the slow tier (docs/testing.md)
+
 
 def env(tiny_dirs) -> dict:
     """The children's environment. TMPDIR inside the session cache: torchrun leaves a ``torchelastic_*``

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from crdiff_cli.cli import app
 from crdiff_cli.evaluation.protocol import WorkItem, batches, model_calls, read_prompt_source, work_items
 from crdiff_cli.pruning.resolution import Resolution
+from helpers import ok
 
 PROMPTS = ["a red fox", "a blue boat on a lake", "a green apple", "a yellow bird"]
 COMMON = ["--steps", "2", "--metrics", "tiny"]
@@ -28,11 +29,6 @@ COMMON = ["--steps", "2", "--metrics", "tiny"]
 
 def invoke(*args: str):
     return CliRunner().invoke(app, ["evaluate", *args])
-
-
-def ok(result):
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result
 
 
 def prompts_file(tmp_path: Path, prompts=PROMPTS) -> Path:
@@ -184,6 +180,7 @@ def _command(out: Path, prompts: Path) -> list[str]:
             str(prompts), "-n", "2", "--variants", "pruned,crdiff", "--batch-size", "2", *COMMON, "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_results(tmp_path, tiny_dirs):
     prompts = prompts_file(tmp_path)
     env = {**os.environ}

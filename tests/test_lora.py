@@ -1,7 +1,7 @@
 """LoRA: adapter layers are never targets, and `--lora` means "prune / generate the LoRA-fused model".
 
 Oracles: diffusers' own loader and ``fuse_lora`` (then ``unload_lora_weights``), a plain-torch prune by
-the definition (written here from DESIGN.md §1, sharing no code with crdiff_cli), and diffusers' own
+the definition (written here from docs/method.md, sharing no code with crdiff_cli), and diffusers' own
 LoRA pipeline output. The LoRA is built with peft on the tiny UNet (random, non-zero B matrices) and
 saved with diffusers' ``save_lora_weights``.
 """
@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from crdiff_cli.cli import app
 from crdiff_cli.dual.unet import DualUNet
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
@@ -29,18 +27,10 @@ from crdiff_cli.pruning.spec import PruneSpec
 from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pruning.resolution import Resolution
 from crdiff_cli.pruning.targets import target_weights
+from helpers import invoke, ok
 
 RATIOS = "0.3/0.25/0.35"
 LORA_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result
 
 
 def save_lora(pipe, folder: Path, seed: int) -> Path:
@@ -81,7 +71,7 @@ def diffusers_fused(name: str, lora: Path, scale: float, unload: bool = True):
 
 
 def reference_prune(unet, ratios: tuple[float, float, float]) -> None:
-    """DESIGN.md §1 by the definition, on a plain UNet: per group kthvalue over the concatenated |w|."""
+    """The pruning rule by the definition, on a plain UNet: per group kthvalue over the concatenated |w|."""
     groups = {"down_blocks": [], "mid_block": [], "up_blocks": []}
     for name, module in unet.named_modules():
         prefix = name.split(".", 1)[0]

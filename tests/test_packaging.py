@@ -1,7 +1,7 @@
 """Packaging: the wheel ships the profiles and exporters inside the crdiff_cli namespace.
 
 PyPI has an unrelated top-level ``exporters`` package, so the repository's ``exporters/`` and
-``profiles/`` folders must install as ``crdiff_cli.exporters`` and ``crdiff_cli.profiles`` (DESIGN.md §2),
+``profiles/`` folders must install as ``crdiff_cli.exporters`` and ``crdiff_cli.profiles`` (PyPI's unrelated ``exporters`` package must not be shadowed),
 and an installed wheel, not only the source tree, must find them.
 """
 
@@ -11,21 +11,17 @@ import importlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import zipfile
 from importlib.resources import files
 from pathlib import Path
 
 import pytest
+from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                               "out", "*.whl")
-
-
-def run(*cmd, **kwargs):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +38,14 @@ def wheel(tmp_path_factory) -> Path:
     return wheels[0]
 
 
+@pytest.mark.slow
 def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     profiles = [n for n in names if n.startswith("crdiff_cli/profiles/") and n.endswith(".json")]
     assert len(profiles) == 13, profiles
     assert "crdiff_cli/profiles/__init__.py" in names
     assert "crdiff_cli/exporters/__init__.py" in names
-    assert "crdiff_cli/cli.py" in names and "crdiff_cli/__main__.py" in names
+    assert "crdiff_cli/cli/__init__.py" in names and "crdiff_cli/__main__.py" in names
     top = {n.split("/", 1)[0] for n in names}
     assert not {"exporters", "profiles", "tests", "benchmarks", "docs"} & top, top
     assert {t for t in top if not t.endswith(".dist-info")} == {"crdiff_cli"}
@@ -71,6 +68,7 @@ ISOLATE = ("import sys\n"
            "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n")
 
 
+@pytest.mark.slow
 def test_installed_wheel_finds_profiles_and_exporters(wheel, tmp_path):
     """Install the wheel alone into a folder and import from there, away from the source tree."""
     target = tmp_path / "site"

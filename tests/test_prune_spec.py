@@ -1,4 +1,4 @@
-"""The pruning engine (PruneStats / PruneSpec / prune_) against a plain-torch reference of DESIGN.md §1.
+"""The pruning engine (PruneStats / PruneSpec / prune_) against a plain-torch restatement of the pruning rule (docs/method.md).
 
 The reference below is written from the definition alone and shares no code with crdiff_cli: its own
 target selection from ``named_modules``, ``torch.cat`` + ``kthvalue`` per group, ``|w| <= t`` pruned.
@@ -24,7 +24,7 @@ PREFIXES = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
 # --- the reference implementation ------------------------------------------------------------------
 
 def reference_targets(unet: nn.Module) -> dict[str, list[tuple[str, torch.Tensor]]]:
-    """DESIGN.md §1: Linear/Conv2d, name starts with down_blocks/mid_block/up_blocks, contains attn or ff,
+    """The rule: Linear/Conv2d, name starts with down_blocks/mid_block/up_blocks, contains attn or ff,
     does not contain attn2. Returns ``{group: [(param_name, weight), ...]}``."""
     groups = {"down": [], "mid": [], "up": []}
     for name, module in unet.named_modules():
@@ -291,7 +291,7 @@ def meta_unet(**config):
 
 
 def test_sd15_architecture_target_sizes():
-    """DESIGN.md §1: down 68.8M in 36 layers, mid 26.2M in 6, up 103.2M in 54; 859.5M params in all."""
+    """SD1.5's sizes (docs/method.md): down 68.8M in 36 layers, mid 26.2M in 6, up 103.2M in 54; 859.5M params in all."""
     unet = meta_unet(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964
     sizes = {g: (len(ws), sum(p.numel() for _, p in ws)) for g, ws in target_weights(unet).items()}

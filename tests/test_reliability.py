@@ -1,4 +1,4 @@
-"""Issue 11: outputs shareable, one line instead of tracebacks, no user file destroyed, no debris left.
+"""Reliability: outputs shareable, one line instead of tracebacks, no user file destroyed, no debris left.
 
 Each test names the defect it pins down. Outputs are checked end to end through the CLI (CliRunner, and
 the console script in a subprocess where the process boundary matters: kills, Typer's own errors).
@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from crdiff_cli.cli import app
+from helpers import invoke
 
 CRDIFF = Path(sys.executable).parent / "crdiff"
 PRUNE = ["prune", "--model", "tiny", "--ratios", "0.2/0.2/0.2", "--unet-only"]
@@ -27,10 +26,6 @@ GENERATE = ["generate", "--model", "tiny", "--res", "32x32", "--steps", "1", "--
 SEARCH = ["search", "--model", "tiny", "--res", "32x32", "--scorer", "tiny", "--steps", "1", "--iters", "1",
           "--prompt", "a red cube"]
 BAKE = ["bake", "--model", "tiny", "--res", "32x32", "--ratios", "0.2/0.2/0.2", "--no-verify"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def one_line_error(result, *needles: str) -> str:
@@ -175,9 +170,9 @@ def test_write_failures_of_any_writer_are_one_line(tiny_dirs, tmp_path, monkeypa
 
 
 def test_disk_filling_up_during_generate_is_one_line_and_keeps_finished_images(tiny_dirs, tmp_path, monkeypatch):
-    import crdiff_cli.pipelines.generation as generate
+    import crdiff_cli.pipelines.to_folder as to_folder
 
-    real, calls = generate.write_file, []
+    real, calls = to_folder.write_file, []
 
     def write_file(path, data):
         calls.append(path)
@@ -185,7 +180,7 @@ def test_disk_filling_up_during_generate_is_one_line_and_keeps_finished_images(t
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(generate, "write_file", write_file)
+    monkeypatch.setattr(to_folder, "write_file", write_file)
     result = invoke(*GENERATE, "--num-images", "2", "--out", tmp_path / "images")
     assert result.exit_code == 2 and "Traceback" not in result.output  # stderr also holds the progress bars
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -334,6 +329,7 @@ def test_clean_stale_removes_only_crdiff_staging_of_dead_processes(tmp_path):
     assert (tmp_path / "model" / "crdiff_prune.json").exists() and not set_aside.exists()
 
 
+@pytest.mark.slow
 def test_staging_of_a_killed_bake_is_removed_by_the_next_run(tiny_dirs, tmp_path, crdiff_cache):
     env = {**os.environ, "CRDIFF_CACHE": str(crdiff_cache)}
     out = tmp_path / "a.safetensors"
@@ -357,7 +353,7 @@ def test_staging_of_a_killed_bake_is_removed_by_the_next_run(tiny_dirs, tmp_path
 
 @pytest.mark.parametrize("command, args, message", [
     (PRUNE, ["--profile", "sd15@400x560"], "--ratios and --profile both given"),
-    (["prune", "--model", "tiny"], [], "no ratios given"),
+    (["prune", "--model", "tiny"], [], "--ratios missing; pass --ratios D/M/U, --profile NAME, or --res HxW"),
     (BAKE, ["--profile", "sd15@400x560"], "--ratios and --profile both given"),
     (GENERATE, ["--ratios", "0.1/0.1/0.1", "--profile", "sd15@400x560"], "--ratios and --profile both given"),
 ])

@@ -12,17 +12,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from crdiff_cli.cli import app
 from crdiff_cli.storage.journal import read_journal
+from helpers import invoke
 
 CRDIFF = Path(sys.executable).parent / "crdiff"  # the console script of the environment running the tests
 BASE = ["--model", "tiny", "--res", "64x64", "--scorer", "tiny", "--steps", "2"]
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def comparable(entries):
@@ -183,6 +178,7 @@ def kill_when(journal: Path, lines: int, proc: subprocess.Popen) -> int:
     raise AssertionError("the journal never grew")
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_to_the_same_result(tiny_dirs, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cube\na lighthouse at night\n")
@@ -221,6 +217,7 @@ def test_killed_search_resumes_to_the_same_result(tiny_dirs, tmp_path):
         {k: v for k, v in full_profile.items() if k != "name"}
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_130_and_the_journal_resumes(tiny_dirs, tmp_path):
     args = [str(CRDIFF), "search", *BASE, "--prompt", "a cube", "--iters", "6", "--out", str(tmp_path / "p.json")]
     proc = subprocess.Popen(args, env=cli_env(tiny_dirs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -19,7 +19,7 @@ def _vector(values) -> str:
 
 
 class SearchView:
-    """Call :meth:`update` with each :class:`crdiff_cli.search.runner.Evaluation`; use as a context manager."""
+    """Call :meth:`update` with each :class:`crdiff_cli.search.runner.SearchStep`; use as a context manager."""
 
     def __init__(self, console: Console, iters: int, search_k: bool):
         self.console, self.iters, self.search_k = console, iters, search_k

@@ -40,6 +40,15 @@ STRENGTH_HELP = "img2img: how much of the init image is re-noised, in (0, 1]; 1 
 MASK_IMAGE_HELP = "Inpainting (with --init-image): white pixels are repainted, black kept; resized to --res."
 PROFILE_HELP = "A built-in profile (see `crdiff profiles`, e.g. sd15@400x560) or a profile JSON file."
 
+# Options that generate and evaluate declare alike (Typer reads these as the parameters' defaults).
+LORA_OPTION = typer.Option(None, "--lora", help=LORA_HELP)
+CONTROLNET_OPTION = typer.Option(None, "--controlnet", help=CONTROLNET_HELP)
+CONTROL_IMAGE_OPTION = typer.Option(None, "--control-image", help=CONTROL_IMAGE_HELP)
+CONTROL_SCALE_OPTION = typer.Option(1.0, "--control-scale", help=CONTROL_SCALE_HELP)
+INIT_IMAGE_OPTION = typer.Option(None, "--init-image", help=INIT_IMAGE_HELP)
+STRENGTH_OPTION = typer.Option(None, "--strength", help=STRENGTH_HELP)
+MASK_IMAGE_OPTION = typer.Option(None, "--mask-image", help=MASK_IMAGE_HELP)
+
 
 def command(fn):
     """Run a command body, turning user errors into one line on stderr and exit code 2.
@@ -81,9 +90,14 @@ def _check_floats(fn, kwargs: dict) -> None:
             check_finite(name, value)
 
 
+# Library parameters whose command parameter has another name.
+_COMMAND_NAMES = {"resolution": "res", "pipe_or_unet": "model"}
+
+
 def _flag(fn, name: str) -> str:
     """The ``--long`` flag of parameter ``name`` (its Typer option's first long declaration; a library
     parameter the command does not have is shown as ``--name-with-dashes``)."""
+    name = _COMMAND_NAMES.get(name, name)
     parameter = inspect.signature(fn).parameters.get(name)
     decls = getattr(parameter.default, "param_decls", None) or () if parameter is not None else ()
     return next((d.split("/")[0] for d in decls if d.startswith("--")), "--" + name.replace("_", "-"))

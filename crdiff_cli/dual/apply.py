@@ -8,6 +8,7 @@ whole configuration, as ``pipe.enable_freeu(...)`` does, so it never stacks two 
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -16,13 +17,14 @@ from torch import nn
 from crdiff_cli import defaults
 from crdiff_cli.dual.unet import DualUNet, attached_dual, check_k, check_masks
 from crdiff_cli.errors import ParameterError
+from crdiff_cli.pruning.family import detect_family
 from crdiff_cli.pruning.profile_table import Profile, RatioChoice, choose_ratios
 from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pruning.resolution import Resolution
 from crdiff_cli.pruning.spec import PruneSpec
 from crdiff_cli.pruning.targets import TargetFilter
 
-RatioSource = "PruneSpec | Ratios | Profile | str | None"
+RATIO_TEXT = re.compile(r"^\s*[0-9.eE+-]+\s*/\s*[0-9.eE+-]+\s*/\s*[0-9.eE+-]+\s*$")  # "D/M/U", not a path
 
 
 def apply_crdiff(pipe_or_unet, ratios: PruneSpec | Ratios | Profile | str | None = None, *, k: float = defaults.K,
@@ -81,8 +83,6 @@ def prune_spec_for(unet: nn.Module, ratios: Ratios | Profile | str | None = None
 def ratio_choice(unet: nn.Module, ratios: Ratios | Profile | str | None, *,
                  resolution: Resolution | str | None = None) -> RatioChoice:
     """Which ratios a source names, where they came from, and a warning (another family or resolution)."""
-    from crdiff_cli.pipelines.loading import detect_family
-
     if isinstance(resolution, str):
         resolution = Resolution.parse(resolution)
     if isinstance(ratios, Ratios):
@@ -93,7 +93,7 @@ def ratio_choice(unet: nn.Module, ratios: Ratios | Profile | str | None, *,
         raise ParameterError("ratios", repr(ratios), "is not a ratio source; pass a PruneSpec, Ratios, Profile, a "
                              "profile name or file, or 'D/M/U'")
     text = None if ratios is None else str(ratios)
-    is_ratio_text = text is not None and text.count("/") == 2 and not Path(text).suffix
+    is_ratio_text = text is not None and RATIO_TEXT.match(text) is not None and not Path(text).exists()
     return choose_ratios(detect_family(unet.config), ratios=text if is_ratio_text else None,
                          profile=None if is_ratio_text else text, resolution=resolution)
 

@@ -28,14 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from crdiff_cli import defaults
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pruning.resolution import Resolution
 
 VARIANTS = ("dense", "pruned", "crdiff")
 SCORES = "scores.jsonl"
-RESULTS_CSV, RESULTS_JSON, PAIRED_CSV, REPORT = "results.csv", "results.json", "paired.csv", "report.html"
+REPORT = "report.html"
 JOURNAL_KIND = "evaluation"
-COMPARISONS = (("crdiff", "pruned"), ("crdiff", "dense"))  # (a, b): a - b in paired.csv
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class Evaluation:
     """The loaded model (one DualUNet for all variants and resolutions) and metric models, loaded once."""
 
     def __init__(self, loaded, *, model_info: dict, ratio_choices: dict, settings: dict, prompts: list[str],
-                 k: float, metrics: list, out_dir: Path, masks: str = "copy"):
+                 k: float, metrics: list, out_dir: Path, masks: str = defaults.MASKS):
         from crdiff_cli.dual.apply import apply_crdiff
         from crdiff_cli.pipelines.schedulers import set_scheduler
         from crdiff_cli.pruning.spec import PruneSpec
@@ -267,15 +267,11 @@ def start(*, model: str, identity: dict, settings: dict, prompts: list[str], spe
     from crdiff_cli.runtime.distributed import SINGLE
     from crdiff_cli.evaluation.metrics import load_metrics
     from crdiff_cli.storage.journal import open_journal
-    from crdiff_cli.pipelines.lora import fuse_loras
-    from crdiff_cli.pipelines.loading import load_model
+    from crdiff_cli.pipelines.prepare import load_prepared
     from crdiff_cli.pruning.profile_table import choose_ratios
 
     ranks = ranks or SINGLE
-    loaded = load_model(model, dtype=dtype, device=ranks.device(device))
-    fuse_loras(loaded.pipe, loras)
-    if inputs is not None:
-        loaded.pipe = inputs.pipeline(loaded.pipe)
+    loaded = load_prepared(model, dtype=dtype, device=ranks.device(device), loras=loras, inputs=inputs)
     choices = {}
     for res in settings:
         choice = choose_ratios(loaded.family, ratios=ratios, profile=profile, resolution=res)

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from crdiff_cli.evaluation.stats import paired, summarize
-from crdiff_cli.evaluation.protocol import COMPARISONS, PAIRED_CSV, RESULTS_CSV, RESULTS_JSON
 
+RESULTS_CSV, RESULTS_JSON, PAIRED_CSV = "results.csv", "results.json", "paired.csv"
+COMPARISONS = (("crdiff", "pruned"), ("crdiff", "dense"))  # (a, b): a - b in paired.csv
 RESULT_FIELDS = ("resolution", "variant", "k", "ratios", "metric", "n", "mean", "std", "ci_low", "ci_high")
 PAIRED_FIELDS = ("resolution", "metric", "a", "b", "n", "mean_diff", "ci_low", "ci_high", "win_rate", "p_value")
 

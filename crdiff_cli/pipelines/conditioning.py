@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crdiff_cli.errors import CrdiffError
+from crdiff_cli.errors import CrdiffError, ParameterError
 
 DEFAULT_STRENGTH = 0.8  # diffusers' img2img default
 # UNet config entries a ControlNet must share with the UNet it conditions (its residuals' shapes follow them).
@@ -50,16 +50,19 @@ class ImageInputs:
     def check(self, model: str, *, onnx: bool = False) -> None:
         """Refuse inconsistent flags, unreadable images and a mismatched ControlNet, without loading any model."""
         if self.control_image is not None and self.controlnet is None:
-            raise CrdiffError("--control-image needs --controlnet MODEL (the ControlNet that reads it)")
+            raise ParameterError("control_image", None, "needs controlnet MODEL (the ControlNet that reads it)",
+                                 mentions=("controlnet",))
         if self.controlnet is not None and self.control_image is None:
-            raise CrdiffError(f"--controlnet {self.controlnet} needs --control-image IMG (its conditioning image)")
+            raise ParameterError("controlnet", self.controlnet, "needs control_image IMG (its conditioning image)",
+                                 mentions=("control_image",))
         if not math.isfinite(self.control_scale) or self.control_scale < 0:
-            raise CrdiffError(f"--control-scale {self.control_scale:g} must be a finite number >= 0 (default 1.0)")
+            raise ParameterError("control_scale", f"{self.control_scale:g}", "must be a finite number >= 0 (default 1.0)")
         if self.init_image is None and (self.strength is not None or self.mask_image is not None):
-            raise CrdiffError("--strength and --mask-image need --init-image IMG (the image to start from)")
+            raise ParameterError("strength", None, "and mask_image need init_image IMG (the image to start from)",
+                                 mentions=("mask_image", "init_image"))
         if self.strength is not None and not (math.isfinite(self.strength) and 0 < self.strength <= 1):
-            raise CrdiffError(f"--strength {self.strength:g} must lie in (0, 1] (1 = start from pure noise; "
-                              f"default {DEFAULT_STRENGTH})")
+            raise ParameterError("strength", f"{self.strength:g}", "must lie in (0, 1] (1 = start from pure noise; "
+                                 f"default {DEFAULT_STRENGTH})")
         if onnx and self.controlnet is not None:
             raise CrdiffError("ControlNet residuals cannot enter an .onnx artifact's graph; use a .safetensors "
                               "artifact or --model without --artifact")

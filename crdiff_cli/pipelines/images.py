@@ -10,9 +10,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crdiff_cli import __version__
 from crdiff_cli.storage.atomic import staging_name
+
+if TYPE_CHECKING:
+    from crdiff_cli.pipelines.generation import GenerationSettings
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "crdiff-images/1"  # marks a folder as a generate output (crdiff_cli.pipelines.image_folder)

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from crdiff_cli.errors import CrdiffError
+from crdiff_cli.errors import CrdiffError, first_line
+from crdiff_cli.pruning.family import FAMILIES, detect_family
 from crdiff_cli.pipelines.tiny import TINY_MODELS, tiny_model_path
 
-FAMILIES = ("sd15", "sd21", "sdxl", "unknown")
 PRUNE_RECORD = "crdiff_prune.json"  # written by `crdiff prune`; remembers the family of a pruned folder
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Top-level module names of a diffusers UNet2DConditionModel state dict (a UNet-only checkpoint).
@@ -34,19 +34,6 @@ class LoadedModel:
     @property
     def unet(self):
         return self.pipe.unet
-
-
-def detect_family(unet_config) -> str:
-    """``sdxl`` (text_time added conditioning), ``sd21`` (1024-d cross-attention), ``sd15`` (768-d)."""
-    get = unet_config.get if isinstance(unet_config, dict) else lambda k, d=None: getattr(unet_config, k, d)
-    if get("addition_embed_type") == "text_time":
-        return "sdxl"
-    cross = get("cross_attention_dim")
-    if cross == 1024:
-        return "sd21"
-    if cross == 768:
-        return "sd15"
-    return "unknown"
 
 
 def torch_dtype(name: str):

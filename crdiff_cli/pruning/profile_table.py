@@ -13,7 +13,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from crdiff_cli.storage.atomic import OutputKind, json_marker
-from crdiff_cli.errors import CrdiffError
+from crdiff_cli.errors import CrdiffError, ParameterError
 from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pruning.resolution import Resolution
 
@@ -109,14 +109,14 @@ class RatioChoice:
 def check_ratio_source(*, ratios: str | None, profile: str | None, resolution: Resolution | None) -> None:
     """Everything :func:`choose_ratios` can refuse without the model: call it before loading one."""
     if ratios is not None and profile is not None:
-        raise CrdiffError("--ratios and --profile both given; pass only one of them")
+        raise ParameterError("ratios", None, "and profile both given; pass only one of them", mentions=("profile",))
     if ratios is not None:
         Ratios.parse(ratios)
     elif profile is not None:
         get_profile(profile)
     elif resolution is None:
-        raise CrdiffError("no ratios given; pass --ratios D/M/U, --profile NAME, or --res HxW to use the paper's "
-                          "profile for this model family")
+        raise ParameterError("ratios", None, "missing; pass ratios D/M/U, profile NAME, or resolution HxW (the "
+                             "paper's choice for this model family)", mentions=("ratios", "profile", "resolution"))
 
 
 def choose_ratios(family: str, *, ratios: str | None, profile: str | None,

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from crdiff_cli import defaults
 from crdiff_cli import __version__
 from crdiff_cli.search.annealing import AnnealConfig, AnnealState, EvalRecord, anneal
 from crdiff_cli.runtime.distributed import SINGLE, Ranks
@@ -41,8 +42,8 @@ REFERENCE_IMAGE_SEED = 24432
 REFERENCE_FAIL_SCORE = -2.0
 REFERENCE_NEGATIVE_PROMPT = ""  # the reference's search passes "" (for SDXL, "" and None condition differently)
 CACHE_DECIMALS = 4  # the reference's score cache is keyed by the ratios rounded to 4 decimals
-DEFAULT_K_BOUNDS = (1.0, 2.0)  # --search-k: around the reference default 1.5 and the card's 1.2
-DEFAULT_K_START = 1.5
+DEFAULT_K_BOUNDS = (1.0, 2.0)  # --search-k: around the reference default 1.5 and the 1.2 of the paper's examples
+DEFAULT_K_START = defaults.K
 
 
 def prompts_sha256(prompts: list[str] | tuple[str, ...]) -> str:
@@ -55,7 +56,7 @@ def cache_key(candidate: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(round(x, CACHE_DECIMALS) for x in candidate)
 
 
-def search_settings(resolution, steps: int = 30, guidance: float = 7.5,
+def search_settings(resolution, steps: int = defaults.STEPS, guidance: float = defaults.GUIDANCE,
                     negative_prompt: str | None = REFERENCE_NEGATIVE_PROMPT, scheduler: str | None = None):
     """:class:`GenerationSettings` with a search's defaults: the reference's 30 steps, guidance 7.5 and
     negative prompt ``""`` (GenerationSettings' own default, ``None``, conditions SDXL differently)."""
@@ -133,7 +134,7 @@ class SearchPlan:
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class SearchStep:
     """One annealer step as journaled: the annealer's record plus how its energy was obtained."""
 
     number: int  # 1-based position in the journal (seeds included)
@@ -149,7 +150,7 @@ class Evaluation:
                 "error": self.error, "cached": self.cached, "seconds": self.seconds}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Evaluation":
+    def from_dict(cls, d: dict) -> "SearchStep":
         record = EvalRecord(d["kind"], d["iteration"], tuple(d["candidate"]), d["energy"], d["accepted"], d["t"],
                             AnnealState.from_dict(d["state"]))
         return cls(d["n"], record, d["score"], tuple(d["scores"]), d["error"], d["cached"], d.get("seconds", {}))
@@ -174,7 +175,7 @@ class SearchResult:
     k: float  # the POA k the best score was measured with (1.0 = pruned model alone)
     score: float
     stop_reason: str
-    history: tuple[Evaluation, ...]
+    history: tuple[SearchStep, ...]
 
     @property
     def computed(self) -> int:
@@ -283,8 +284,8 @@ def _failure_summary(errors: list[str], images: int) -> str | None:
 
 
 def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, resume: bool = False,
-           overwrite: bool = False, masks: str = "copy",
-           on_eval: Callable[[Evaluation], None] | None = None, ranks: Ranks = SINGLE) -> SearchResult:
+           overwrite: bool = False, masks: str = defaults.MASKS,
+           on_eval: Callable[[SearchStep], None] | None = None, ranks: Ranks = SINGLE) -> SearchResult:
     """Run (or resume) the ratio search on ``loaded`` (a :class:`~crdiff_cli.pipelines.loading.LoadedModel`).
 
     ``scorer`` has ``.name`` and ``.score(images, prompts)`` (see :mod:`crdiff_cli.scorers`). With a
@@ -311,7 +312,7 @@ def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, res
 
         entries = ranks.on_main(open_on_main)
     try:
-        history = [Evaluation.from_dict(e) for e in entries]
+        history = [SearchStep.from_dict(e) for e in entries]
         state = history[-1].record.state if history else None
         if state is None or state.phase != "done":
             state = _anneal_resident(loaded, scorer, plan, history, state, writer, masks, on_eval, ranks)
@@ -322,7 +323,7 @@ def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, res
     return SearchResult(plan, loaded.family, ratios, k, -state.e_best, state.stop_reason, tuple(history))
 
 
-def _anneal_resident(loaded, scorer, plan: SearchPlan, history: list[Evaluation], state: AnnealState | None,
+def _anneal_resident(loaded, scorer, plan: SearchPlan, history: list[SearchStep], state: AnnealState | None,
                      writer, masks: str, on_eval, ranks: Ranks) -> AnnealState:
     """Anneal to the end on the loaded models, appending each step to ``history`` (and the journal)."""
     from crdiff_cli.search.thresholds import search_stats  # imports torch: only when a search runs
@@ -336,12 +337,12 @@ def _anneal_resident(loaded, scorer, plan: SearchPlan, history: list[Evaluation]
 
     def record(rec: EvalRecord) -> None:
         outcome, cached, seconds = evaluator.last
-        evaluation = Evaluation(len(history) + 1, rec, outcome.score, outcome.scores, outcome.error, cached, seconds)
+        step = SearchStep(len(history) + 1, rec, outcome.score, outcome.scores, outcome.error, cached, seconds)
         if writer is not None:
-            writer.append(evaluation.to_dict())
-        history.append(evaluation)
+            writer.append(step.to_dict())
+        history.append(step)
         if on_eval is not None:
-            on_eval(evaluation)
+            on_eval(step)
 
     try:
         anneal(evaluator, plan.config, state=state, on_eval=record)

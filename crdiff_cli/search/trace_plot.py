@@ -62,7 +62,7 @@ def _panel(box, values: list[float], x_max: int) -> _Panel:
 
 
 def trace_image(history, title: str):
-    """Render a search history (a sequence of :class:`crdiff_cli.search.runner.Evaluation`) as a PIL image."""
+    """Render a search history (a sequence of :class:`crdiff_cli.search.runner.SearchStep`) as a PIL image."""
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from crdiff_cli.errors import CrdiffError
 
-# /2 of the search journal: the reference code's loop move for move (issue 12)
+# /2 of the search journal: the reference code's loop move for move
 VERSIONS = {"search": 2, "evaluation": 1}
 OLD_FORMATS = ("crdiff-search-journal/1",)  # written by an older search rule: its states cannot continue here
 

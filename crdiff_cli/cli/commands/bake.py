@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from crdiff_cli import defaults
 from crdiff_cli.cli.shared import LORA_HELP, MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
 from crdiff_cli.errors import CrdiffError
 
@@ -20,8 +21,8 @@ def bake(
                                   "models also write NAME.onnx.data beside it)."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help=RATIOS_HELP),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
-    k: float = typer.Option(1.5, "--k", help="POA coefficient folded into the artifact: e = e_dense + k (e_pruned - "
-                            "e_dense); default 1.5."),
+    k: float = typer.Option(defaults.K, "--k", help="POA coefficient folded into the artifact: e = e_dense + k "
+                            "(e_pruned - e_dense)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="safetensors or onnx (default: from the --out suffix)."),
     dtype: str = typer.Option("fp32", "--dtype", help="Weights dtype: fp32, or fp16 (for GPU deployment)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset (14-20; 17 is what TensorRT and ONNX Runtime are "
@@ -41,7 +42,7 @@ def bake(
     from crdiff_cli.exporters.artifacts import check_outputs, format_of, require_onnx
     from crdiff_cli.exporters.onnx_artifact import check_opset
     from crdiff_cli.dual.unet import check_k
-    from crdiff_cli.pipelines.lora import fuse_loras, prepare_loras
+    from crdiff_cli.pipelines.lora import prepare_loras
     from crdiff_cli.pruning.profile_table import check_ratio_source
     from crdiff_cli.pruning.resolution import Resolution
 
@@ -59,20 +60,14 @@ def bake(
     if warning:
         warn(warning)
 
-    from crdiff_cli.exporters.bake import bake as bake_artifact
-    from crdiff_cli.pipelines.loading import load_model
-    from crdiff_cli.pruning.profile_table import choose_ratios
-    from crdiff_cli.pruning.spec import PruneSpec
     from crdiff_cli.cli.render import spec_table
+    from crdiff_cli.exporters.bake import bake as bake_artifact
+    from crdiff_cli.pipelines.prepare import choose_spec, load_prepared
 
     with err.status(f"loading {model}"):
-        loaded = load_model(model, dtype=dtype)
-        fuse_loras(loaded.pipe, loras)
-    choice = choose_ratios(loaded.family, ratios=ratios, profile=profile, resolution=resolution)
-    if choice.warning:
-        warn(choice.warning)
+        loaded = load_prepared(model, dtype=dtype, loras=loras)
     with err.status("computing thresholds") as status:
-        spec = PruneSpec.from_unet(loaded.unet, choice.ratios)
+        choice, spec = choose_spec(loaded, ratios=ratios, profile=profile, resolution=resolution, warn=warn)
         result = bake_artifact(loaded.unet, spec, k=k, resolution=resolution, family=loaded.family, out=out_path,
                                opset=opset, verify=verify, overwrite=overwrite, on_stage=status.update)
     out.print(spec_table(spec, title=f"{model} ({loaded.family}) baked with {choice.origin}, k={k:g}, {resolution} HxW"))

@@ -7,9 +7,10 @@ from typing import List, Optional
 
 import typer
 
-from crdiff_cli.cli.shared import (CONTROL_IMAGE_HELP, CONTROL_SCALE_HELP, CONTROLNET_HELP, INIT_IMAGE_HELP,
-                                   LORA_HELP, MASK_IMAGE_HELP, MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP,
-                                   STRENGTH_HELP, command, err, out, start_ranks, warn)
+from crdiff_cli import defaults
+from crdiff_cli.cli.shared import (CONTROLNET_OPTION, CONTROL_IMAGE_OPTION, CONTROL_SCALE_OPTION, INIT_IMAGE_OPTION,
+                                   LORA_OPTION, MASK_IMAGE_OPTION, MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP,
+                                   STRENGTH_OPTION, command, err, out, start_ranks, warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -24,7 +25,7 @@ def evaluate(
                                                 "MS-COCO captions JSON (one caption per image)."),
     variants: str = typer.Option("dense,pruned,crdiff", "--variants", help="Comma-separated: dense (unmodified), "
                                  "pruned (k = 1, Table 7's 'pruned'), crdiff (POA at --k)."),
-    k: float = typer.Option(1.5, "--k", help="POA coefficient of the crdiff variant (as in generate)."),
+    k: float = typer.Option(defaults.K, "--k", help="POA coefficient of the crdiff variant (as in generate)."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help=RATIOS_HELP + " Used at every resolution."),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP + " Default: the family's profile at "
                                           "each resolution (nearest, with a warning)."),
@@ -34,16 +35,16 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="First seed; image j of a prompt uses seed + j."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt and variant."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
-    steps: int = typer.Option(30, "--steps", help="Denoising steps."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    steps: int = typer.Option(defaults.STEPS, "--steps", help="Denoising steps."),
+    guidance: float = typer.Option(defaults.GUIDANCE, "--guidance", help="Classifier-free guidance scale."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
-    lora: Optional[List[str]] = typer.Option(None, "--lora", help=LORA_HELP),
-    controlnet: Optional[str] = typer.Option(None, "--controlnet", help=CONTROLNET_HELP),
-    control_image: Optional[Path] = typer.Option(None, "--control-image", help=CONTROL_IMAGE_HELP),
-    control_scale: float = typer.Option(1.0, "--control-scale", help=CONTROL_SCALE_HELP),
-    init_image: Optional[Path] = typer.Option(None, "--init-image", help=INIT_IMAGE_HELP),
-    strength: Optional[float] = typer.Option(None, "--strength", help=STRENGTH_HELP),
-    mask_image: Optional[Path] = typer.Option(None, "--mask-image", help=MASK_IMAGE_HELP),
+    lora: Optional[List[str]] = LORA_OPTION,
+    controlnet: Optional[str] = CONTROLNET_OPTION,
+    control_image: Optional[Path] = CONTROL_IMAGE_OPTION,
+    control_scale: float = CONTROL_SCALE_OPTION,
+    init_image: Optional[Path] = INIT_IMAGE_OPTION,
+    strength: Optional[float] = STRENGTH_OPTION,
+    mask_image: Optional[Path] = MASK_IMAGE_OPTION,
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, pndm, euler, euler-a, dpm++, lms, heun "
                                             "or unipc (default: the model's own)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Images per pipeline call and metric batch on a GPU. "

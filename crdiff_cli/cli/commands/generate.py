@@ -7,10 +7,11 @@ from typing import Optional
 
 import typer
 
-from crdiff_cli.cli.shared import (CONTROL_IMAGE_HELP, CONTROL_SCALE_HELP, CONTROLNET_HELP, GUIDANCE_HELP,
-                                   INIT_IMAGE_HELP, LORA_HELP, MASK_IMAGE_HELP, MASKS_HELP, MODEL_HELP, PROFILE_HELP,
-                                   RATIOS_HELP, RES_HELP, SCHEDULER_HELP, STRENGTH_HELP, command, err, out, plural,
-                                   start_ranks, warn)
+from crdiff_cli import defaults
+from crdiff_cli.cli.shared import (CONTROLNET_OPTION, CONTROL_IMAGE_OPTION, CONTROL_SCALE_OPTION, GUIDANCE_HELP,
+                                   INIT_IMAGE_OPTION, LORA_OPTION, MASKS_HELP, MASK_IMAGE_OPTION, MODEL_HELP,
+                                   PROFILE_HELP, RATIOS_HELP, RES_HELP, SCHEDULER_HELP, STRENGTH_OPTION, command, err,
+                                   out, plural, start_ranks, warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -25,7 +26,7 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A UTF-8 file, one prompt per line (# comments)."),
     k: Optional[float] = typer.Option(None, "--k", help="POA: e = e_dense + k (e_pruned - e_dense); 0 dense, 1 pruned. "
-                                      "default 1.5 (reference code; the card uses 1.2) or the artifact's."),
+                                      f"default {defaults.K:g} (reference code; paper: 1.2) or the artifact's."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help=RATIOS_HELP),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP + " Default: the paper's profile "
                                           "for the model family at --res (nearest resolution, with a warning)."),
@@ -34,11 +35,11 @@ def generate(
                                  "dense | CR-Diff grid per prompt (compare_<i>.png)."),
     seed: int = typer.Option(0, "--seed", help="First seed; image j of a prompt uses seed + j."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt."),
-    steps: int = typer.Option(30, "--steps", help="Denoising steps."),
-    guidance: float = typer.Option(7.5, "--guidance", help=GUIDANCE_HELP),
+    steps: int = typer.Option(defaults.STEPS, "--steps", help="Denoising steps."),
+    guidance: float = typer.Option(defaults.GUIDANCE, "--guidance", help=GUIDANCE_HELP),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative prompt."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
-    masks: str = typer.Option("copy", "--masks", help=MASKS_HELP),
+    masks: str = typer.Option(defaults.MASKS, "--masks", help=MASKS_HELP),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs). Default fp32; "
                                         "with a .safetensors artifact, the artifact's."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
@@ -49,13 +50,13 @@ def generate(
                                            "tensorrt, cuda or cpu (default: the best available, in that order)."),
     ort_fold_masks: bool = typer.Option(True, "--ort-fold-masks/--no-ort-fold-masks", help="ONNX Runtime: precompute "
                                         "pruned weights at load (fast, +1 copy of the targets) or mask per call."),
-    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP),
-    controlnet: Optional[str] = typer.Option(None, "--controlnet", help=CONTROLNET_HELP),
-    control_image: Optional[Path] = typer.Option(None, "--control-image", help=CONTROL_IMAGE_HELP),
-    control_scale: float = typer.Option(1.0, "--control-scale", help=CONTROL_SCALE_HELP),
-    init_image: Optional[Path] = typer.Option(None, "--init-image", help=INIT_IMAGE_HELP),
-    strength: Optional[float] = typer.Option(None, "--strength", help=STRENGTH_HELP),
-    mask_image: Optional[Path] = typer.Option(None, "--mask-image", help=MASK_IMAGE_HELP),
+    lora: Optional[list[str]] = LORA_OPTION,
+    controlnet: Optional[str] = CONTROLNET_OPTION,
+    control_image: Optional[Path] = CONTROL_IMAGE_OPTION,
+    control_scale: float = CONTROL_SCALE_OPTION,
+    init_image: Optional[Path] = INIT_IMAGE_OPTION,
+    strength: Optional[float] = STRENGTH_OPTION,
+    mask_image: Optional[Path] = MASK_IMAGE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous crdiff generate output in --out "
                                    "(a folder holding anything else is refused)."),
 ):
@@ -72,7 +73,7 @@ def generate(
     from crdiff_cli.dual.unet import check_k
     from crdiff_cli.pipelines.prompts import read_prompts
     from crdiff_cli.pipelines.image_folder import IMAGES
-    from crdiff_cli.pipelines.lora import fuse_loras, prepare_loras
+    from crdiff_cli.pipelines.lora import prepare_loras
     from crdiff_cli.pipelines.loading import torch_dtype
     from crdiff_cli.pruning.profile_table import check_ratio_source, get_profile
     from crdiff_cli.pruning.ratios import Ratios
@@ -91,11 +92,10 @@ def generate(
         raise CrdiffError(f"--masks {masks!r} is not a mask mode; use one of {', '.join(MASK_MODES)}")
     wanted = None  # ratios asked for explicitly (an artifact brings its own)
     if meta is not None:
-        from crdiff_cli.exporters.artifacts import check_run_options
-
         wanted = Ratios.parse(ratios) if ratios is not None else get_profile(profile).ratios if profile else None
-        check_run_options(artifact, meta, k=k, ratios=wanted, dtype=str(torch_dtype(dtype)).removeprefix("torch.")
-                          if dtype else None, dense=dense, compare=compare, provider=provider, fold_masks=ort_fold_masks)
+        _check_artifact_options(artifact, meta, k=k, ratios=wanted, dtype=str(torch_dtype(dtype)).removeprefix("torch.")
+                                if dtype else None, dense=dense, compare=compare, provider=provider,
+                                fold_masks=ort_fold_masks)
         if artifact.suffix == ".safetensors" and meta.dtype == "float16":
             dtype = dtype or "fp16"
     dtype = dtype or "fp32"
@@ -118,15 +118,11 @@ def generate(
     from crdiff_cli.pipelines.images import crdiff_info
     from crdiff_cli.pipelines.to_folder import generate_to_folder
     from crdiff_cli.pipelines.schedulers import set_scheduler
-    from crdiff_cli.pipelines.loading import load_model
-    from crdiff_cli.pruning.profile_table import choose_ratios
-    from crdiff_cli.pruning.spec import PruneSpec
+    from crdiff_cli.pipelines.prepare import choose_spec, load_prepared
 
     ranks = start_ranks(device)
     with err.status(f"loading {model}"):
-        loaded = load_model(model, dtype=dtype, device=ranks.device(device))
-        fuse_loras(loaded.pipe, loras)
-        loaded.pipe = inputs.pipeline(loaded.pipe)
+        loaded = load_prepared(model, dtype=dtype, device=ranks.device(device), loras=loras, inputs=inputs)
     info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device,
             **({"loras": [x.label for x in loras]} if loras else {}), **inputs.info()}
     dual = None
@@ -140,11 +136,8 @@ def generate(
     elif dense:
         info.update(mode="dense", k=0.0)
     else:
-        choice = choose_ratios(loaded.family, ratios=ratios, profile=profile, resolution=resolution)
-        if choice.warning:
-            warn(choice.warning)
-        spec = PruneSpec.from_unet(loaded.unet, choice.ratios)
-        k = 1.5 if k is None else k
+        choice, spec = choose_spec(loaded, ratios=ratios, profile=profile, resolution=resolution, warn=warn)
+        k = defaults.K if k is None else k
         dual = apply_crdiff(loaded.pipe, spec, k=k, masks=masks)
         info.update(crdiff_info(choice, spec, k, masks))
     seeds = list(range(seed, seed + num_images))
@@ -180,6 +173,39 @@ def _artifact_metadata(artifact: Optional[Path], res: Optional[str], provider: O
     from crdiff_cli.exporters.artifacts import read_metadata
 
     return read_metadata(artifact)
+
+
+def _check_artifact_options(path: Path, meta, *, k: float | None, ratios, dtype: str | None,
+                      dense: bool = False, compare: bool = False, provider: str | None = None,
+                      fold_masks: bool = True) -> None:
+    """Refuse, before anything is loaded, the options the artifact at ``path`` cannot honour.
+
+    ``ratios`` is a :class:`~crdiff_cli.pruning.ratios.Ratios` or None; ``dtype`` a torch dtype name or None.
+    """
+    from crdiff_cli.exporters.artifacts import format_of as artifact_format
+
+    if dense:
+        raise CrdiffError("--dense runs the base model as it is; drop --artifact or --dense")
+    if artifact_format(path) == "safetensors":
+        if provider is not None or not fold_masks:
+            raise CrdiffError("--provider and --no-ort-fold-masks apply to .onnx artifacts; a .safetensors artifact "
+                              "runs on the live PyTorch path")
+        if dtype is not None and dtype != meta.dtype:
+            raise CrdiffError(f"the artifact's weights are {meta.dtype}; omit --dtype or pass the matching one")
+        return
+    if compare:
+        raise CrdiffError("--compare needs the dense model, which an ONNX artifact does not expose; use the "
+                          ".safetensors artifact")
+    if k is not None and k != meta.k:
+        raise CrdiffError(f"k = {meta.k:g} is folded into the ONNX artifact; re-bake it for --k {k:g} (or use a "
+                          ".safetensors artifact, whose k can change)")
+    if ratios is not None and ratios != meta.spec.ratios:
+        raise CrdiffError(f"the ONNX artifact's thresholds are for ratios {meta.spec.ratios}; re-bake it for "
+                          f"{ratios} (or use a .safetensors artifact)")
+    if provider is not None:
+        from crdiff_cli.exporters.onnx_runtime import choose_providers
+
+        choose_providers(provider)
 
 
 def progress_bars():

@@ -32,9 +32,9 @@ def prune(
     Writes OUT as a diffusers pipeline folder (or just the UNet with --unet-only) and OUT/crdiff_prune.json.
     """
     from crdiff_cli.storage.atomic import check_output
-    from crdiff_cli.pipelines.lora import fuse_loras, prepare_loras
-    from crdiff_cli.pipelines.loading import load_model, torch_dtype
-    from crdiff_cli.pruning.profile_table import check_ratio_source, choose_ratios
+    from crdiff_cli.pipelines.loading import torch_dtype
+    from crdiff_cli.pipelines.lora import prepare_loras
+    from crdiff_cli.pruning.profile_table import check_ratio_source
     from crdiff_cli.pipelines.pruned_folder import PRUNED
     from crdiff_cli.cli.render import spec_table
     from crdiff_cli.pruning.resolution import Resolution
@@ -45,17 +45,13 @@ def prune(
     check_output(out_dir, overwrite, PRUNED)
     loras = prepare_loras(lora, model)
 
+    from crdiff_cli.pipelines.prepare import choose_spec, load_prepared
     from crdiff_cli.pipelines.pruned_folder import write_pruned
-    from crdiff_cli.pruning.spec import PruneSpec
 
     with err.status(f"loading {model}"):
-        loaded = load_model(model, dtype=dtype)
-        fuse_loras(loaded.pipe, loras)
-    choice = choose_ratios(loaded.family, ratios=ratios, profile=profile, resolution=resolution)
-    if choice.warning:
-        warn(choice.warning)
+        loaded = load_prepared(model, dtype=dtype, loras=loras)
     with err.status("computing thresholds"):
-        spec = PruneSpec.from_unet(loaded.unet, choice.ratios)
+        choice, spec = choose_spec(loaded, ratios=ratios, profile=profile, resolution=resolution, warn=warn)
     with err.status(f"writing {out_dir}"):
         write_pruned(loaded, spec, out_dir, origin=choice.origin, resolution=str(resolution) if resolution else None,
                      unet_only=unet_only, overwrite=overwrite, loras=[x.label for x in loras])

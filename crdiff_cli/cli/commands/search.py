@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from crdiff_cli import defaults
 from crdiff_cli.cli.shared import (LORA_HELP, MASKS_HELP, MODEL_HELP, RES_HELP, SCHEDULER_HELP, command, err, out,
                                    start_ranks, warn)
 from crdiff_cli.errors import CrdiffError
@@ -67,7 +68,7 @@ def search(
     scorer: str = typer.Option("imagereward", "--scorer", help="imagereward[:CHECKPOINT] (reference), clip:MODEL, "
                                "pickscore:MODEL, tiny (offline test scorer) or an installed plugin's name."),
     iters: int = typer.Option(120, "--iters", help="Annealing iterations (reference 120); seeds are extra."),
-    steps: int = typer.Option(30, "--steps", help="Denoising steps per image (reference 30)."),
+    steps: int = typer.Option(defaults.STEPS, "--steps", help="Denoising steps per image (reference 30)."),
     seed: int = typer.Option(42, "--seed", help="Seed of the annealer's random moves (same seed, same search; "
                              "reference 42)."),
     image_seeds: str = typer.Option("24432", "--image-seeds", help="Comma-separated generator seeds; one image "
@@ -85,13 +86,13 @@ def search(
                              "best) or 't-floor' (the paper's Algorithm 1: reset T when it falls below 1e-3)."),
     k: Optional[float] = typer.Option(None, "--k", help="Score with POA at this k (dense + pruned UNet). Default: "
                                       "the pruned model alone, as the reference. With --search-k: k's start value "
-                                      "(default 1.5)."),
+                                      f"(default {defaults.K:g})."),
     search_k: bool = typer.Option(False, "--search-k", help="Also anneal k (POA on) as a 4th coordinate within "
                                   "--k-bounds. Goes beyond the paper."),
     k_bounds: str = typer.Option("1.0:2.0", "--k-bounds", help="LO:HI bounds of k for --search-k."),
     fail_score: float = typer.Option(-2.0, "--fail-score", help="Score of an image whose generation or scoring "
                                      "fails; the candidate's other images keep theirs (reference -2.0)."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    guidance: float = typer.Option(defaults.GUIDANCE, "--guidance", help="Classifier-free guidance scale."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt (reference: \"\", "
                                         "recorded in the profile)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
@@ -101,7 +102,7 @@ def search(
                                 "model, resolution, prompts, scorer and settings required)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over: replace an existing journal, profile "
                                    "and trace."),
-    masks: str = typer.Option("copy", "--masks", help=MASKS_HELP),
+    masks: str = typer.Option(defaults.MASKS, "--masks", help=MASKS_HELP),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ... (model and scorer)."),
     lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP + " Part of the journal's identity."),
@@ -198,8 +199,7 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
 
     from crdiff_cli.runtime.distributed import RankFailure
     from crdiff_cli.storage.journal import check_journal
-    from crdiff_cli.pipelines.lora import fuse_loras
-    from crdiff_cli.pipelines.loading import load_model
+    from crdiff_cli.pipelines.prepare import load_prepared
     from crdiff_cli.scorers import load_scorer
     from crdiff_cli.search.runner import save_result, search
     from crdiff_cli.cli.search_view import SearchView
@@ -209,8 +209,7 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
     plan = replace(plan, scorer=scorer.name)
     ranks.on_main(lambda: check_journal(journal, plan.identity(), resume=resume, overwrite=overwrite))
     with err.status(f"loading {plan.model}"):
-        loaded = load_model(model, dtype=dtype, device=ranks.device(device))
-        fuse_loras(loaded.pipe, loras)
+        loaded = load_prepared(model, dtype=dtype, device=ranks.device(device), loras=loras)
     from crdiff_cli.storage.atomic import write_errors
 
     try:
