@@ -278,9 +278,10 @@ def test_prune_bad_model(tmp_path, tiny_dirs, model, words):
     check_refused(result, words, tmp_path, before)
 
 
-def test_prune_missing_parent_folder(tmp_path):
+def test_prune_makes_missing_parent_folders(tmp_path):
     result = invoke("prune", "--model", "tiny", "--ratios", "0.1/0.1/0.1", "--out", str(tmp_path / "a" / "b"))
-    check_refused(result, "does not exist", tmp_path, set())
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a" / "b" / "crdiff_prune.json").is_file()
 
 
 # --- crdiff profiles ----------------------------------------------------------------------------------

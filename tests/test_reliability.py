@@ -143,6 +143,37 @@ def test_unwritable_output_is_refused_before_loading(readonly_dir, no_model_load
     one_line_error(invoke(*command, "--out", readonly_dir / out), "cannot write in", "choose another --out")
 
 
+EVALUATE = ["evaluate", "--model", "tiny", "--res", "32x32", "--steps", "1", "--prompt", "a red cube",
+            "--metrics", "tiny", "--variants", "dense"]
+
+
+@pytest.mark.parametrize("command, out", [(PRUNE, "pruned"), (BAKE, "a.safetensors"), (GENERATE, "images"),
+                                          (SEARCH, "best.json"), (EVALUATE, "eval")])
+def test_missing_parent_folders_are_made_before_loading(tmp_path, no_model_load, command, out):
+    """Like mkdir -p: the checks pass (the model load is reached) and the folders exist, with the umask's mode."""
+    result = invoke(*command, "--out", tmp_path / "new" / "deeper" / out)
+    assert "a model was loaded before the arguments were checked" in str(result.exception), result.output
+    assert (tmp_path / "new" / "deeper").is_dir()
+
+
+@pytest.mark.parametrize("command, out", [(PRUNE, "pruned"), (BAKE, "a.safetensors"), (GENERATE, "images"),
+                                          (SEARCH, "best.json"), (EVALUATE, "eval")])
+def test_a_parent_that_is_a_file_is_refused_before_loading(tmp_path, no_model_load, command, out):
+    (tmp_path / "file").write_text("user data")
+    one_line_error(invoke(*command, "--out", tmp_path / "file" / "sub" / out), "is not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "user data"
+
+
+def test_missing_folders_under_a_read_only_one_are_refused(readonly_dir, no_model_load):
+    one_line_error(invoke(*GENERATE, "--out", readonly_dir / "new" / "images"), "cannot write in")
+    assert not (readonly_dir / "new").exists()
+
+
+def test_generate_into_new_nested_folders(tiny_dirs, tmp_path):
+    assert invoke(*GENERATE, "--out", tmp_path / "a" / "b" / "images").exit_code == 0
+    assert (tmp_path / "a" / "b" / "images" / "manifest.json").is_file()
+
+
 def test_full_file_system_is_refused_before_loading(small_fs, no_model_load):
     folder = small_fs(256)  # less than atomic.MIN_FREE_BYTES
     one_line_error(invoke(*PRUNE, "--out", folder / "pruned"), "no space left")

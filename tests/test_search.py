@@ -285,6 +285,13 @@ def test_resume_refuses_a_different_search(full_run, tiny_readonly, tiny_scorer,
         search(tiny_readonly["tiny"], tiny_scorer, plan(**kwargs), journal=path, resume=True)
 
 
+def not_journal_parent(tmp_path):
+    """A file where a journal's folder should be."""
+    path = tmp_path / "a-file"
+    path.write_text("not a folder")
+    return path
+
+
 def test_journal_existence_rules(full_run, tmp_path):
     identity = json.loads(full_run[1].read_text().splitlines()[0])["identity"]
     with pytest.raises(CrdiffError, match="already exists; continue that search with --resume"):
@@ -292,8 +299,10 @@ def test_journal_existence_rules(full_run, tmp_path):
     assert check_journal(full_run[1], identity, resume=False, overwrite=True) == []
     with pytest.raises(CrdiffError, match="no journal at"):
         check_journal(tmp_path / "none.jsonl", identity, resume=True, overwrite=False)
-    with pytest.raises(CrdiffError, match="does not exist; create it first"):
-        check_journal(tmp_path / "no" / "j.jsonl", identity, resume=False, overwrite=False)
+    assert check_journal(tmp_path / "no" / "j.jsonl", identity, resume=False, overwrite=False) == []
+    assert (tmp_path / "no").is_dir()  # a missing folder is made, as for every output
+    with pytest.raises(CrdiffError, match="is not a folder"):
+        check_journal(not_journal_parent(tmp_path) / "j.jsonl", identity, resume=False, overwrite=False)
     not_journal = tmp_path / "other.jsonl"
     not_journal.write_text('{"format": "something-else"}\n')
     with pytest.raises(CrdiffError, match="not a crdiff search journal"):

@@ -5,7 +5,8 @@ Every command's output goes through this module, so four promises hold for all o
 - **Checked before any work.** :func:`check_output` refuses, before a model is loaded, an output that
   exists (unless ``--overwrite``), one that crdiff did not write (``--overwrite`` only replaces a
   previous crdiff output of the same :class:`OutputKind`, recognised by its marker), the folder the
-  user is in, and a folder that cannot be written (read-only, no permission, no space).
+  user is in, and a folder that cannot be written (read-only, no permission, no space). A missing
+  parent folder is created (:func:`make_folder`), as ``mkdir -p`` would.
 - **Whole or absent.** :func:`atomic_path` / :func:`staging` write to a hidden sibling and rename it
   into place at the end; an error or Ctrl-C removes it. A full disk mid-write is one error line.
 - **Shareable.** Staged outputs get the permissions the user's umask gives a new file or folder
@@ -71,9 +72,7 @@ def check_output(path: Path, overwrite: bool, kind: OutputKind) -> None:
     path = Path(path)
     _refuse_working_folder(path)
     parent = path.parent
-    if not parent.is_dir():
-        what = "does not exist; create it first" if not parent.exists() else "is not a folder"
-        raise CrdiffError(f"the folder {parent} for output {path.name} {what}")
+    make_folder(parent, f"for output {path.name}")
     clean_stale(parent)
     if path.exists() or path.is_symlink():
         _check_replaceable(path, overwrite, kind)
@@ -99,6 +98,24 @@ def _check_replaceable(path: Path, overwrite: bool, kind: OutputKind) -> None:
                           "crdiff never replaces what it did not write, even with --overwrite: choose another --out")
     if not overwrite:
         raise CrdiffError(f"output {path} already exists; choose another --out or pass --overwrite to replace it")
+
+
+def make_folder(folder: Path, purpose: str = "") -> None:
+    """Create ``folder`` and its missing parents, as ``mkdir -p`` and ``save_pretrained`` do, with the umask's
+    permissions; first refuse, in one line, a path through a file or a place where nothing can be written."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        where = "is not a folder" if existing == folder else f"cannot be made: {existing} is not a folder"
+        raise CrdiffError(f"the folder {folder} {purpose + ' ' if purpose else ''}{where}; choose another path")
+    check_writable(existing)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CrdiffError(f"cannot create the folder {folder} ({(exc.strerror or str(exc)).lower()}); "
+                          "choose another path") from None
 
 
 def check_writable(folder: Path) -> None:

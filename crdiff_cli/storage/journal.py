@@ -124,7 +124,9 @@ def check_journal(path: Path, identity: dict | None, *, resume: bool, overwrite:
     if resume and overwrite:
         raise CrdiffError("--resume and --overwrite contradict each other; pass only one")
     if not path.parent.is_dir():
-        raise CrdiffError(f"the folder {path.parent} for journal {path.name} does not exist; create it first")
+        from crdiff_cli.storage.atomic import make_folder
+
+        make_folder(path.parent, f"for journal {path.name}")
     if (path.exists() or path.is_symlink()) and not (path.is_file() and is_journal(path, kind)):
         what = "an empty file" if path.is_file() and path.stat().st_size == 0 else "a folder" if path.is_dir() \
             else f"not a crdiff {kind} journal"

@@ -141,13 +141,11 @@ def evaluate(
 def _check_out(out_dir: Path, identity: dict, *, resume: bool, overwrite: bool) -> None:
     """--out can take this run (a new folder, or one whose scores.jsonl matches --resume/--overwrite); creates it."""
     from crdiff_cli.evaluation.protocol import SCORES
-    from crdiff_cli.storage.atomic import check_writable, clean_stale
+    from crdiff_cli.storage.atomic import check_writable, clean_stale, make_folder
     from crdiff_cli.storage.journal import check_journal, is_journal
 
     if out_dir.exists() and not out_dir.is_dir():
         raise CrdiffError(f"--out {out_dir} is a file; pass a folder")
-    if not out_dir.parent.is_dir():
-        raise CrdiffError(f"the folder {out_dir.parent} for --out does not exist; create it first")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_journal(out_dir / SCORES, "evaluation"):
         raise CrdiffError(f"output {out_dir} exists and is not a crdiff evaluation folder (no {SCORES}); crdiff never "
                           "writes into what it did not create, even with --overwrite: choose another --out")
@@ -157,8 +155,7 @@ def _check_out(out_dir: Path, identity: dict, *, resume: bool, overwrite: bool) 
         check_journal(out_dir / SCORES, identity, resume=resume, overwrite=overwrite, kind="evaluation")
     elif resume:
         raise CrdiffError(f"no run in {out_dir} to resume; run without --resume to start one")
-    check_writable(out_dir.parent)
-    out_dir.mkdir(exist_ok=True)
+    make_folder(out_dir, "for --out")
 
 
 def results_table(rows: list[dict], specs, variants: list[str], resolutions: list[str]):
