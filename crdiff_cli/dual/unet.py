@@ -85,7 +85,6 @@ class _Target:
         self.group = group
         self.module = module
         self.slot = slot
-        self.slot_param = nn.Parameter(slot, requires_grad=False) if slot is not None else None  # what is swapped in
         self.threshold: float | None = None
         self.made_from: tuple | None = None
         self.dense: nn.Parameter | None = None  # the dense weight while the pruned one is swapped in
@@ -108,22 +107,23 @@ class _Target:
             weight = self.module._parameters["weight"]
             if (self.slot.shape, self.slot.dtype, self.slot.device) != (weight.shape, weight.dtype, weight.device):
                 self.slot = torch.empty_like(weight, requires_grad=False)
-                self.slot_param = nn.Parameter(self.slot, requires_grad=False)
             with torch.no_grad():
                 torch.hardshrink(weight, threshold, out=self.slot)
             self.made_from = self.identity()
 
     def swap_in(self) -> None:
+        """Put the pruned weight where the layer reads ``weight``: a plain tensor in the module's parameter
+        table for the duration of the pass (the layer computes with it like with any weight; no
+        ``nn.Parameter`` is made per call, which costs more than the swap)."""
         if self.threshold is None:
             return
         self.dense = self.module._parameters["weight"]
         if self.slot is not None:
             if self.made_from != self.identity():
                 self.remask(self.threshold)
-            self.module._parameters["weight"] = self.slot_param
+            self.module._parameters["weight"] = self.slot
         else:
-            pruned = pruned_weight(self.dense, self.threshold)
-            self.module._parameters["weight"] = nn.Parameter(pruned, requires_grad=False)
+            self.module._parameters["weight"] = pruned_weight(self.dense.detach(), self.threshold)
 
     def swap_out(self) -> None:
         if self.dense is not None:
