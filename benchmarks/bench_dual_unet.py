@@ -48,7 +48,8 @@ import time
 import torch
 from diffusers import UNet2DConditionModel
 
-from crdiff_cli.dual.unet import MASK_MODES, DualUNet, resident_bytes
+from crdiff_cli.dual.options import MASK_MODES
+from crdiff_cli.dual.unet import DualUNet, resident_bytes
 from crdiff_cli.runtime.malloc_tuning import reuse_large_blocks
 from crdiff_cli.pruning.spec import pruned_weight
 from crdiff_cli.pruning.profile_table import get_profile

@@ -142,19 +142,25 @@ def test_prune_nearest_profile_warns(tmp_path, load_tiny):
     check_record(out, spec, resolution="408x560")
 
 
-def test_prune_overwrite_replaces_output(tmp_path):
+def test_prune_overwrite_replaces_only_what_crdiff_wrote(tmp_path):
+    """--overwrite replaces a previous prune output, but never a file a user has put in it since (the rule of
+    every command): such a folder is refused whole and the file kept."""
     out = tmp_path / "out"
-    out.mkdir()  # a previous prune: crdiff_prune.json marks the folder as crdiff's
-    (out / "crdiff_prune.json").write_text('{"format": "crdiff-prune/1"}')
-    (out / "old-file.txt").write_text("keep me unless --overwrite")
+    assert invoke("prune", "--model", "tiny", "--ratios", "0.1/0.1/0.1", "--out", str(out)).exit_code == 0
+    record = json.loads((out / "crdiff_prune.json").read_text())
+    assert set(record["files"]) == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     result = invoke("prune", "--model", "tiny", "--ratios", "0.1/0.1/0.1", "--out", str(out))
     assert result.exit_code == 2 and "already exists" in result.stderr and "--overwrite" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["crdiff_prune.json", "old-file.txt"]
 
-    result = invoke("prune", "--model", "tiny", "--ratios", "0.1/0.1/0.1", "--out", str(out), "--overwrite")
+    (out / "unet" / "notes.txt").write_text("the user's, not crdiff's")
+    result = invoke("prune", "--model", "tiny", "--ratios", "0.2/0.2/0.2", "--out", str(out), "--overwrite")
+    assert result.exit_code == 2 and "not a pruned model folder written by crdiff" in result.stderr
+    assert (out / "unet" / "notes.txt").read_text() == "the user's, not crdiff's"
+
+    (out / "unet" / "notes.txt").unlink()
+    result = invoke("prune", "--model", "tiny", "--ratios", "0.2/0.2/0.2", "--out", str(out), "--overwrite")
     assert result.exit_code == 0, result.output
-    names = {p.name for p in out.iterdir()}
-    assert "old-file.txt" not in names and {"unet", "model_index.json", "crdiff_prune.json"} <= names
+    assert json.loads((out / "crdiff_prune.json").read_text())["ratios"]["down"] == 0.2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporaries or old copies left
 
 

@@ -91,7 +91,7 @@ def test_image_seed_lists(text):
 
 @given(st.floats(allow_nan=True, allow_infinity=True))
 def test_k(k):
-    from crdiff_cli.dual.unet import check_k
+    from crdiff_cli.dual.options import check_k
 
     try:
         check_k(k)

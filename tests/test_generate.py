@@ -109,11 +109,15 @@ def test_compare_prompts_file_and_dense(tmp_path, tiny_dirs):
     assert np.array_equal(pixels(dense_out / "0_3.png"), dense)
     assert not np.array_equal(dense, crdiff)
 
-    # The grid holds dense on the left and CR-Diff on the right (enlarged by a whole factor).
+    # The grid holds dense, CR-Diff and their amplified difference (enlarged by a whole factor, said in the title).
     grid = np.asarray(Image.open(out / "compare_0.png").convert("RGB"))
-    scale = grid.shape[1] // 2 // RES.width
+    third = grid.shape[1] // 3
+    scale = third // RES.width
     enlarge = lambda a: a.repeat(scale, axis=0).repeat(scale, axis=1)  # noqa: E731 (PIL NEAREST, integer scale)
-    assert find_panel(grid, enlarge(dense), 0) and find_panel(grid, enlarge(crdiff), grid.shape[1] // 2)
+    assert find_panel(grid, enlarge(dense), 0) and find_panel(grid, enlarge(crdiff), third)
+    diff = np.abs(crdiff.astype(np.int16) - dense.astype(np.int16))
+    gain = max(1, min(64, 255 // max(1, int(diff.max()))))
+    assert find_panel(grid, enlarge(np.minimum(diff * gain, 255).astype(np.uint8)), 2 * third)
 
 
 def test_same_seed_same_pixels(tmp_path, tiny_dirs):

@@ -296,3 +296,5 @@ def test_parse_lora_scale_and_paths_with_colons(tmp_path, loras):
     odd = tmp_path / "a:b.safetensors"
     odd.write_bytes(loras["tiny"].read_bytes())
     assert parse_lora(str(odd)).path == odd
+    with pytest.raises(CrdiffError, match=r"the scale 'abc' is not a number; write PATH:SCALE"):
+        parse_lora(f"{loras['tiny']}:abc")  # not "does not exist": the file is there, the scale is wrong

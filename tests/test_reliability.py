@@ -429,6 +429,37 @@ def test_generation_settings_refuse_nan_guidance():
         GenerationSettings(Resolution(64, 64), guidance=float("nan"))
 
 
+@pytest.mark.parametrize("command, args, needle", [
+    (GENERATE, ["--seed", "18446744073709551616"], "--seed 18446744073709551616 is out of range"),
+    (GENERATE, ["--seed", "18446744073709551615", "--num-images", "2"], "--seed + --num-images - 1"),
+    (GENERATE, ["--seed", "-9223372036854775809"], "is out of range"),
+    (EVALUATE, ["--seed", "18446744073709551616"], "--seed 18446744073709551616 is out of range"),
+    (SEARCH, ["--seed", "18446744073709551616"], "--seed 18446744073709551616 is out of range"),
+    (GENERATE, ["--steps", "99999999999"], "--steps 99999999999 is out of range"),
+    (EVALUATE, ["--num-images", "99999999999"], "--num-images 99999999999 is out of range"),
+    (SEARCH, ["--iters", "99999999999"], "--iters 99999999999 is out of range"),
+    (BAKE, ["--opset", "99999999999"], "--opset 99999999999 is out of range"),
+])
+def test_integers_out_of_range_exit_2_before_loading(tmp_path, no_model_load, command, args, needle):
+    out = tmp_path / ("o.safetensors" if command is BAKE else "o.json" if command is SEARCH else "o")
+    one_line_error(invoke(*command, *args, "--out", out), needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("steps, strength, needed", [("1", "0.5", "2"), ("4", "0.2", "5"), ("2", None, "2")])
+def test_img2img_that_would_denoise_nothing_exits_2_before_loading(tmp_path, no_model_load, steps, strength, needed):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "init.png")
+    args = ["--steps", steps, "--init-image", tmp_path / "init.png"] + (["--strength", strength] if strength else [])
+    args = [a for a in GENERATE if a not in ("--steps", "1")] + args
+    if strength is None:  # the default strength, 0.8, with 1 step: int(0.8) = 0
+        args[args.index("--steps") + 1] = "1"
+    line = one_line_error(invoke(*args, "--out", tmp_path / "o"), "--strength", "denoises", "= 0 times")
+    assert f"raise --steps to at least {needed}" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init.png"]
+
+
 # --- 10. messages ---------------------------------------------------------------------------------------------------
 
 def test_missing_profile_file_says_it_does_not_exist(tmp_path, no_model_load):
@@ -493,10 +524,17 @@ def test_help_fits_80_columns_and_flags_read_as_flags(command):
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and max(len(line) for line in lines) <= 80
     assert len(lines) <= 100 and "<bool>" not in done.stdout and "╭" not in done.stdout
+    assert "list[str]" not in done.stdout  # repeatable flags show what they take (PATH[:SCALE])
     flag = {"prune": "--unet-only", "search": "--resume", "bake": "--verify / --no-verify", "generate": "--dense",
             "evaluate": "--resume", "profiles": "--help"}[command]
     assert any(line.split()[:len(flag.split())] == flag.split() or line.strip().startswith(f"-h, {flag}")
                for line in lines if line.strip().startswith(("-", flag))), done.stdout
+
+
+def test_top_level_help_gives_each_command_a_whole_phrase():
+    done = subprocess.run([str(CRDIFF), "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    commands = done.stdout.split("Commands:", 1)[1].strip().splitlines()
+    assert len(commands) == 6 and all(line.rstrip().endswith(".") and "..." not in line for line in commands)
 
 
 def test_trace_plots_the_score_rising_with_labelled_axes(tiny_dirs, tmp_path):

@@ -36,12 +36,13 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 # Registration order is the order of `crdiff --help` (command modules are light: torch loads when one runs).
-app.command()(prune.prune)
-app.command()(search.search)
-app.command()(bake.bake)
-app.command()(generate.generate)
-app.command()(evaluate.evaluate)
-app.command("profiles")(prune.profiles_cmd)
+# Short help: one whole phrase per command (click would cut the docstring's first sentence mid-word).
+app.command(short_help="Prune a UNet block-wise by weight magnitude into a folder.")(prune.prune)
+app.command(short_help="Search the best pruning ratios for a resolution (Algorithm 1).")(search.search)
+app.command(short_help="Bake ratios and k into one artifact (safetensors or ONNX).")(bake.bake)
+app.command(short_help="Text-to-image with CR-Diff (or dense, or from an artifact).")(generate.generate)
+app.command(short_help="Compare dense, pruned and CR-Diff images (Tables 7 and 8).")(evaluate.evaluate)
+app.command("profiles", short_help="List the built-in ratio profiles (Table 6).")(prune.profiles_cmd)
 
 
 def main() -> None:

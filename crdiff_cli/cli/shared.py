@@ -41,7 +41,7 @@ MASK_IMAGE_HELP = "Inpainting (with --init-image): white pixels are repainted, b
 PROFILE_HELP = "A built-in profile (see `crdiff profiles`, e.g. sd15@400x560) or a profile JSON file."
 
 # Options that generate and evaluate declare alike (Typer reads these as the parameters' defaults).
-LORA_OPTION = typer.Option(None, "--lora", help=LORA_HELP)
+LORA_OPTION = typer.Option(None, "--lora", metavar="PATH[:SCALE]", help=LORA_HELP)
 CONTROLNET_OPTION = typer.Option(None, "--controlnet", help=CONTROLNET_HELP)
 CONTROL_IMAGE_OPTION = typer.Option(None, "--control-image", help=CONTROL_IMAGE_HELP)
 CONTROL_SCALE_OPTION = typer.Option(1.0, "--control-scale", help=CONTROL_SCALE_HELP)
@@ -53,13 +53,14 @@ MASK_IMAGE_OPTION = typer.Option(None, "--mask-image", help=MASK_IMAGE_HELP)
 def command(fn):
     """Run a command body, turning user errors into one line on stderr and exit code 2.
 
-    Every float flag is checked to be finite first (Typer accepts ``nan`` and ``inf``). A library error about
+    Every number flag is checked first: floats finite (Typer accepts ``nan`` and ``inf``), integers within
+    what their use accepts (:func:`_check_numbers`). A library error about
     a parameter (:class:`ParameterError`) is shown with the command's flag for it: ``k`` becomes ``--k``.
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            _check_floats(fn, kwargs)
+            _check_numbers(fn, kwargs)
             return fn(*args, **kwargs)
         except CrdiffError as exc:
             message = exc.named(lambda name: _flag(fn, name)) if isinstance(exc, ParameterError) else str(exc)
@@ -82,12 +83,26 @@ def start_ranks(device: str):
         out.quiet = err.quiet = True
 
     return start(device, quiet=silence)
-def _check_floats(fn, kwargs: dict) -> None:
-    from crdiff_cli.validation import check_finite
+MAX_COUNT = 2**31 - 1  # any count or size flag (steps, images, iterations, ...) beyond this is a typo
+
+
+def _check_numbers(fn, kwargs: dict) -> None:
+    """Floats finite; ``--seed`` (and the last seed ``--seed + --num-images - 1``) within what PyTorch's
+    generators take; every other integer flag within a 32-bit count. Typer accepts any Python int, and a
+    value out of range would otherwise surface as a traceback after the model loaded."""
+    from crdiff_cli.validation import check_finite, check_seed
 
     for name, value in kwargs.items():
+        if isinstance(value, bool):
+            continue
         if isinstance(value, float):
             check_finite(name, value)
+        elif isinstance(value, int) and name == "seed":
+            check_seed(_flag(fn, name), value)
+            if isinstance(kwargs.get("num_images"), int) and kwargs["num_images"] > 1:
+                check_seed(f"{_flag(fn, name)} + --num-images - 1 =", value + kwargs["num_images"] - 1)
+        elif isinstance(value, int) and not -MAX_COUNT <= value <= MAX_COUNT:
+            raise CrdiffError(f"{_flag(fn, name)} {value} is out of range; use a value below {MAX_COUNT + 1:,}")
 
 
 # Library parameters whose command parameter has another name.

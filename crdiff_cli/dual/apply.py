@@ -15,7 +15,8 @@ from pathlib import Path
 from torch import nn
 
 from crdiff_cli import defaults
-from crdiff_cli.dual.unet import DualUNet, attached_dual, check_k, check_masks
+from crdiff_cli.dual.options import check_k, check_masks
+from crdiff_cli.dual.unet import DualUNet, attached_dual
 from crdiff_cli.errors import ParameterError
 from crdiff_cli.pruning.family import detect_family
 from crdiff_cli.pruning.profile_table import Profile, RatioChoice, choose_ratios

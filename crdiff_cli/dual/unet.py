@@ -37,10 +37,10 @@ from diffusers import ModelMixin
 from torch import nn
 
 from crdiff_cli import defaults
-from crdiff_cli.errors import CrdiffError, ParameterError
+from crdiff_cli.dual.options import MASK_MODES, check_k, check_masks
+from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pruning.spec import PruneSpec, check_matches, pruned_weight
 
-MASK_MODES = ("copy", "on-the-fly")
 SETTINGS_FILE = "crdiff.json"  # next to the dense UNet's config.json in a saved pipeline's unet/ folder
 SETTINGS_FORMAT = "crdiff-dual-unet-settings/1"
 _ATTACHED = "_crdiff_dual"  # attribute a UNet carries while a DualUNet is attached to it (a weak reference)
@@ -50,19 +50,6 @@ class Branch:
     """Which branch the shared target weights currently serve (read by the ONNX export's layers)."""
 
     pruned = False
-
-
-def check_k(k: float) -> str | None:
-    """Validate the POA coefficient; returns a warning for unusually large values."""
-    if not isinstance(k, (int, float)) or not math.isfinite(k) or k < 0:
-        raise ParameterError("k", k, "must be a finite number >= 0 (0 = dense, 1 = pruned, >1 amplifies; paper: 1.2-1.5)")
-    return f"k = {k:g} is far above the paper's range (1.2-1.5); images may degrade" if k > 3 else None
-
-
-def check_masks(masks: str) -> str:
-    if masks not in MASK_MODES:
-        raise ParameterError("masks", repr(masks), f"is not a mask mode; use one of {', '.join(MASK_MODES)}")
-    return masks
 
 
 def attached_dual(unet: nn.Module) -> "DualUNet | None":

@@ -119,6 +119,19 @@ class ImageInputs:
                 self._images[flag] = read_image(path, flag)
         return self._images
 
+    def check_steps(self, steps: int) -> None:
+        """Refuse an img2img run that would denoise nothing: diffusers runs ``int(steps * strength)`` of the
+        steps (``steps 4, strength 0.2`` runs none and returns the init image barely changed; ``steps 1,
+        strength 0.5`` fails inside the pipeline)."""
+        if self.init_image is None:
+            return
+        strength = self.strength_or_default
+        if int(steps * strength) < 1:
+            needed = math.ceil(1 / strength - 1e-9)
+            raise ParameterError("strength", f"{strength:g}", f"with steps {steps} denoises int({steps} x {strength:g}) "
+                                 f"= 0 times; raise steps to at least {needed}, or strength",
+                                 mentions=("steps", "strength"))
+
     @property
     def strength_or_default(self) -> float:
         return DEFAULT_STRENGTH if self.strength is None else self.strength

@@ -36,6 +36,8 @@ class GenerationSettings:
         check_finite("guidance", self.guidance)
         if self.steps < 1:
             raise ParameterError("steps", self.steps, "must be at least 1")
+        if self.inputs is not None:
+            self.inputs.check_steps(self.steps)
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ParameterError("scheduler", repr(self.scheduler), f"is unknown; choose one of {', '.join(SCHEDULERS)}")
 

@@ -86,22 +86,48 @@ def human_parameters(params: dict) -> str:
     return "\n".join(lines)
 
 
+LABEL_SIZE = 14  # Pillow's default font at its own 10 px draws spaces too narrow to read ("ratios0.3")
+
+
+def label_font(size: int = LABEL_SIZE):
+    """The font of every label crdiff draws on an image (Pillow's bundled one, scalable: nothing to install)."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def difference_image(dense, crdiff) -> tuple[object, int, float]:
+    """``|crdiff - dense|`` per pixel, amplified so that its largest value is visible:
+    ``(image, gain, mean difference in levels of 255)``."""
+    import numpy as np
+    from PIL import Image
+
+    diff = np.abs(np.asarray(crdiff, dtype=np.int16) - np.asarray(dense, dtype=np.int16))
+    gain = int(max(1, min(64, 255 // max(1, int(diff.max())))))
+    return Image.fromarray(np.minimum(diff * gain, 255).astype(np.uint8)), gain, float(diff.mean())
+
+
 def compare_grid(pairs: list[tuple[int, object, object]], title: str):
-    """One labelled grid: a row per seed, dense on the left, CR-Diff on the right."""
+    """One labelled grid: a row per seed, dense, CR-Diff, and their difference amplified (CR-Diff often
+    changes an image by a few levels, invisible side by side)."""
     from PIL import Image, ImageDraw
 
-    scale = -(-192 // pairs[0][1].size[0])  # tiny test images are enlarged so the labels fit
-    pairs = [(seed, *(im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST) for im in ims))
-             for seed, *ims in pairs] if scale > 1 else pairs
-    width, height = pairs[0][1].size
-    label_h = 14
-    grid = Image.new("RGB", (2 * width, len(pairs) * (height + label_h) + label_h), "white")
+    scale = -(-240 // pairs[0][1].size[0])  # small images are enlarged (nearest neighbour) so the labels fit
+    rows = [(seed, dense, crdiff, *difference_image(dense, crdiff)) for seed, dense, crdiff in pairs]
+    if scale > 1:
+        enlarge = lambda im: im.resize((im.size[0] * scale, im.size[1] * scale), Image.NEAREST)  # noqa: E731
+        rows = [(seed, enlarge(d), enlarge(c), enlarge(x), gain, mean) for seed, d, c, x, gain, mean in rows]
+        title += f"  (shown at {scale}x)"
+    width, height = rows[0][1].size
+    font, label_h = label_font(), LABEL_SIZE + 6
+    grid = Image.new("RGB", (3 * width, len(rows) * (height + label_h) + label_h), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((2, 1), title[:120], fill="black")
-    for row, (seed, dense, crdiff) in enumerate(pairs):
+    draw.text((2, 2), title[:160], fill="black", font=font)
+    for row, (seed, dense, crdiff, diff, gain, mean) in enumerate(rows):
         top = label_h + row * (height + label_h)
-        for col, (label, image) in enumerate((("dense", dense), ("CR-Diff", crdiff))):
-            draw.text((col * width + 2, top + 1), f"{label}  seed {seed}", fill="black")
+        labels = (f"dense, seed {seed}", f"CR-Diff, seed {seed}", f"|CR-Diff - dense| x{gain}, mean {mean:.1f}")
+        for col, (label, image) in enumerate(zip(labels, (dense, crdiff, diff))):
+            draw.text((col * width + 2, top + 2), label, fill="black", font=font)
             grid.paste(image, (col * width, top + label_h))
     return grid
 

@@ -46,7 +46,9 @@ def parse_lora(text: str) -> LoraFile:
             scale = float(tail)
             path = head
         except ValueError:
-            pass
+            if not Path(text).expanduser().exists() and Path(head).expanduser().exists():
+                raise CrdiffError(f"--lora {text}: the scale {tail!r} is not a number; write PATH:SCALE, e.g. "
+                                  f"{head}:0.8") from None
     if not math.isfinite(scale):
         raise CrdiffError(f"--lora {text}: the scale must be a finite number, e.g. {path}:0.8")
     return LoraFile(check_lora(Path(path).expanduser()), scale)

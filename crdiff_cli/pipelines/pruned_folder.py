@@ -1,17 +1,42 @@
-"""Writing a pruned model: a diffusers folder whose UNet is pruned, plus ``crdiff_prune.json``."""
+"""Writing a pruned model: a diffusers folder whose UNet is pruned, plus ``crdiff_prune.json``.
+
+The record lists every file crdiff wrote into the folder, so that ``--overwrite`` replaces a folder only
+while it holds nothing else: a file a user put there since is never deleted (the folder is refused).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from crdiff_cli.storage.atomic import OutputKind, atomic_path, json_marker
 from crdiff_cli.pipelines.loading import PRUNE_RECORD, LoadedModel
-from crdiff_cli.pruning.spec import PruneSpec, prune_
+from crdiff_cli.storage.atomic import OutputKind, atomic_path
+
+if TYPE_CHECKING:
+    from crdiff_cli.pruning.spec import PruneSpec
 
 RECORD_FORMAT = "crdiff-prune/1"
-PRUNED = OutputKind("pruned model folder", PRUNE_RECORD, lambda path: json_marker(path / PRUNE_RECORD, "crdiff-prune/"),
-                    folder=True)
+
+
+def folder_files(folder: Path) -> set[str]:
+    """Every file (or link) under ``folder``, as POSIX paths relative to it."""
+    return {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def is_prune_output(folder: Path) -> bool:
+    """A folder ``crdiff prune`` wrote that holds only what it wrote (its record lists those files)."""
+    try:
+        record = json.loads((Path(folder) / PRUNE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or not str(record.get("format", "")).startswith("crdiff-prune/"):
+        return False
+    listed = record.get("files")
+    return isinstance(listed, list) and folder_files(folder) <= set(map(str, listed)) | {PRUNE_RECORD}
+
+
+PRUNED = OutputKind("pruned model folder", f"{PRUNE_RECORD} listing every file in it", is_prune_output, folder=True)
 
 
 def prune_record(loaded: LoadedModel, spec: PruneSpec, origin: str, resolution: str | None,
@@ -25,10 +50,13 @@ def prune_record(loaded: LoadedModel, spec: PruneSpec, origin: str, resolution: 
 def write_pruned(loaded: LoadedModel, spec: PruneSpec, out: Path, *, origin: str, resolution: str | None = None,
                  unet_only: bool = False, overwrite: bool = False, loras: list[str] | None = None) -> dict:
     """Prune ``loaded``'s UNet in place and save it (whole pipeline, or just the UNet) to ``out`` atomically."""
+    from crdiff_cli.pruning.spec import prune_
+
     prune_(loaded.unet, spec)
     record = prune_record(loaded, spec, origin, resolution, loras)
     with atomic_path(out, overwrite, kind=PRUNED, directory=True) as tmp:
         target = loaded.unet if unet_only else loaded.pipe
         target.save_pretrained(tmp, safe_serialization=True)
+        record["files"] = sorted(folder_files(tmp) | {PRUNE_RECORD})
         (Path(tmp) / PRUNE_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record

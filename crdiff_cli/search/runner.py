@@ -32,7 +32,7 @@ from crdiff_cli.runtime.distributed import SINGLE, Ranks
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
 from crdiff_cli.dual.apply import apply_crdiff
-from crdiff_cli.dual.unet import check_k
+from crdiff_cli.dual.options import check_k
 from crdiff_cli.pipelines.schedulers import set_scheduler
 from crdiff_cli.storage.journal import open_journal
 from crdiff_cli.pruning.profile_table import Profile

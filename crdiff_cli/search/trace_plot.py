@@ -10,11 +10,13 @@ as jumps. The PNG carries a ``crdiff`` text chunk, which marks it as crdiff's fo
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from crdiff_cli.storage.atomic import OutputKind
 from crdiff_cli.pipelines.image_folder import is_crdiff_png
+from crdiff_cli.pipelines.images import label_font
 
 WIDTH, HEIGHT = 900, 560
 LEFT, RIGHT, TOP, GAP, BOTTOM = 70, 20, 34, 44, 34
@@ -39,19 +41,24 @@ class _Panel:
         return (left + (right - left) * (x - 1) / max(1, self.x_max - 1),
                 bottom - (bottom - top) * (y - self.y_lo) / span)
 
+    def decimals(self) -> int:
+        """Enough decimals that neighbouring y ticks read differently (22.1436 and 22.1448, not 22.14 twice)."""
+        step = (self.y_hi - self.y_lo) / (Y_TICKS - 1)
+        return max(0, min(8, 1 - math.floor(math.log10(step)))) if step > 0 else 2
+
     def frame(self, draw, label: str) -> None:
         """Box, title, and labelled ticks with grid lines on both axes."""
         left, top, right, bottom = self.box
-        draw.text((left, top - 14), label, fill=AXIS)
+        draw.text((left, top - 14), label, fill=AXIS, font=label_font(12))
         for i in range(Y_TICKS):
             value = self.y_lo + (self.y_hi - self.y_lo) * i / (Y_TICKS - 1)
             _, y = self.xy(1, value)
             draw.line((left, y, right, y), fill=GRID)
-            draw.text((4, y - 6), f"{value:.4g}", fill=AXIS)
+            draw.text((4, y - 6), f"{value:.{self.decimals()}f}", fill=AXIS, font=label_font(12))
         for step in sorted({1 + round((self.x_max - 1) * i / (X_TICKS - 1)) for i in range(X_TICKS)}):
             x, _ = self.xy(step, self.y_lo)
             draw.line((x, top, x, bottom), fill=GRID)
-            draw.text((x - 6, bottom + 3), str(step), fill=AXIS)
+            draw.text((x - 6, bottom + 3), str(step), fill=AXIS, font=label_font(12))
         draw.rectangle(self.box, outline=AXIS)
 
 
@@ -67,7 +74,7 @@ def trace_image(history, title: str):
 
     image = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((LEFT, 6), title[:140], fill="black")
+    draw.text((LEFT, 6), title[:140], fill="black", font=label_font(12))
     n = len(history)
     scores = [-e.record.energy for e in history]  # the annealer minimises energy = -mean score
     best = [-e.record.state.e_best for e in history]
@@ -84,7 +91,7 @@ def trace_image(history, title: str):
         draw.ellipse((x - 2, y - 2, x + 2, y + 2), outline=color, fill=None if e.cached else color)
     _step_line(draw, score, best, BLUE)
     _step_line(draw, temp, temps, ORANGE)
-    draw.text((LEFT, HEIGHT - 16), f"x axis: step (1..{n}, the --init seeds included)", fill=AXIS)
+    draw.text((LEFT, HEIGHT - 16), f"x axis: step (1..{n}, the --init seeds included)", fill=AXIS, font=label_font(12))
     return image
 
 

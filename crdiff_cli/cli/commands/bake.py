@@ -31,7 +31,7 @@ def bake(
                                 "live dual UNet at two resolutions and batch sizes 1 and 2 (fails above relative "
                                 "error 1e-4 in fp32, 1e-2 in fp16; nothing is written then)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing artifact."),
-    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP + " The artifact holds the fused UNet."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="PATH[:SCALE]", help=LORA_HELP + " The artifact holds the fused UNet."),
 ):
     """Bake CR-Diff into one deployable artifact: the dense UNet weights once, plus what makes the pruned twin.
 
@@ -41,7 +41,7 @@ def bake(
     """
     from crdiff_cli.exporters.artifacts import check_outputs, format_of, require_onnx
     from crdiff_cli.exporters.onnx_artifact import check_opset
-    from crdiff_cli.dual.unet import check_k
+    from crdiff_cli.dual.options import check_k
     from crdiff_cli.pipelines.lora import prepare_loras
     from crdiff_cli.pruning.profile_table import check_ratio_source
     from crdiff_cli.pruning.resolution import Resolution

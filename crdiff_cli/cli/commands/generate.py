@@ -68,9 +68,9 @@ def generate(
     """
     from crdiff_cli.storage.atomic import check_output
     from crdiff_cli.pipelines.conditioning import ImageInputs
-    from crdiff_cli.dual.unet import MASK_MODES
+    from crdiff_cli.dual.options import MASK_MODES
     from crdiff_cli.pipelines.generation import GenerationSettings
-    from crdiff_cli.dual.unet import check_k
+    from crdiff_cli.dual.options import check_k
     from crdiff_cli.pipelines.prompts import read_prompts
     from crdiff_cli.pipelines.image_folder import IMAGES
     from crdiff_cli.pipelines.lora import prepare_loras

@@ -21,8 +21,9 @@ def prune(
                                       "family (nearest resolution, with a warning) when no ratios are given."),
     unet_only: bool = typer.Option(False, "--unet-only", help="Write only the pruned UNet folder."),
     dtype: str = typer.Option("fp32", "--dtype", help="Weights dtype: fp32, fp16 or bf16."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
-    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous crdiff prune output in --out (a "
+                                   "folder holding anything crdiff did not write is refused)."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="PATH[:SCALE]", help=LORA_HELP),
 ):
     """Prune a UNet block-wise by weight magnitude and save it.
 

@@ -105,7 +105,7 @@ def search(
     masks: str = typer.Option(defaults.MASKS, "--masks", help=MASKS_HELP),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ... (model and scorer)."),
-    lora: Optional[list[str]] = typer.Option(None, "--lora", help=LORA_HELP + " Part of the journal's identity."),
+    lora: Optional[list[str]] = typer.Option(None, "--lora", metavar="PATH[:SCALE]", help=LORA_HELP + " Part of the journal's identity."),
 ):
     """Search block-wise pruning ratios for a resolution by simulated annealing (CR-Diff Algorithm 1).
 
@@ -118,9 +118,9 @@ def search(
     """
     from crdiff_cli.search.annealing import AnnealConfig
     from crdiff_cli.storage.atomic import check_output
-    from crdiff_cli.dual.unet import MASK_MODES
+    from crdiff_cli.dual.options import MASK_MODES
     from crdiff_cli.pipelines.generation import GenerationSettings
-    from crdiff_cli.dual.unet import check_k
+    from crdiff_cli.dual.options import check_k
     from crdiff_cli.pipelines.prompts import read_prompts
     from crdiff_cli.storage.journal import check_journal, default_journal_path
     from crdiff_cli.pipelines.lora import prepare_loras
