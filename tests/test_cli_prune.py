@@ -358,6 +358,20 @@ def test_help_does_not_import_torch():
         assert not imported & set(HEAVY), (args, imported & set(HEAVY))
 
 
+@pytest.mark.parametrize("args", [
+    ["prune", "--model", "tiny", "--ratios", "0.1/0.1", "--out", "x"],
+    ["generate", "--model", "tiny", "--res", "64x64", "--prompt", "p", "--k", "-1", "--out", "x"],
+    ["search", "--model", "tiny", "--res", "64x64", "--prompt", "p", "--iters", "0", "--out", "x.json"],
+    ["evaluate", "--model", "tiny", "--res", "64x64", "--prompt", "p", "--k", "-1", "--out", "x"],
+])
+def test_a_bad_flag_is_refused_before_torch_is_imported(tmp_path, args):
+    """A typo costs no torch import (1.5 s on a quiet machine, far more under load)."""
+    proc = run(sys.executable, "-X", "importtime", "-m", "crdiff_cli", *args, cwd=tmp_path)
+    assert proc.returncode == 2 and "error:" in proc.stderr, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert not imported & set(HEAVY), (args, imported & set(HEAVY))
+
+
 def test_python_m_and_help_texts():
     proc = run(sys.executable, "-m", "crdiff_cli", "--help")
     assert proc.returncode == 0, proc.stderr

@@ -31,7 +31,6 @@ from crdiff_cli.search.annealing import AnnealConfig, AnnealState, EvalRecord, a
 from crdiff_cli.runtime.distributed import SINGLE, Ranks
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
-from crdiff_cli.dual.apply import apply_crdiff
 from crdiff_cli.dual.options import check_k
 from crdiff_cli.pipelines.schedulers import set_scheduler
 from crdiff_cli.storage.journal import open_journal
@@ -326,7 +325,8 @@ def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, res
 def _anneal_resident(loaded, scorer, plan: SearchPlan, history: list[SearchStep], state: AnnealState | None,
                      writer, masks: str, on_eval, ranks: Ranks) -> AnnealState:
     """Anneal to the end on the loaded models, appending each step to ``history`` (and the journal)."""
-    from crdiff_cli.search.thresholds import search_stats  # imports torch: only when a search runs
+    from crdiff_cli.dual.apply import apply_crdiff  # imports torch and diffusers: only when a search runs
+    from crdiff_cli.search.thresholds import search_stats
 
     cache = {cache_key(e.record.candidate): _Outcome(e.score, e.scores, e.error)
              for e in history if not e.cached and e.error is None}
