@@ -146,16 +146,22 @@ def generate(
     # empty, or a previous output that --overwrite replaces (check_output made sure); on rank 0, which writes
     ranks.on_main(lambda: out_dir.is_dir() and clear_image_folder(out_dir))
     set_scheduler(loaded.pipe, scheduler)
-    per_image = inputs.denoising_calls(loaded.pipe, steps) * (2 if compare else 1)
+    per_image = inputs.denoising_calls(loaded.pipe, steps)  # PNDM makes one more; img2img fewer
     from crdiff_cli.storage.atomic import write_errors
 
     with progress_bars() as bars, write_errors(out_dir):  # a disk filling up mid-run: one line, finished images kept
         images = bars.add_task("images", total=len(prompts) * len(seeds) * (2 if compare else 1))
-        # under torchrun the images bar counts every rank's images; steps are per rank, so no steps bar
-        denoise = None if ranks.distributed else bars.add_task("steps", total=len(prompts) * len(seeds) * per_image)
-        records = generate_to_folder(loaded.pipe, prompts, seeds, settings, out_dir, model_info=info, dual=dual, compare=compare,
-                      on_step=None if denoise is None else lambda: bars.advance(denoise), on_image=lambda: bars.advance(images),
-                      ranks=ranks)
+        # the steps of the image being made (under torchrun, steps are per rank: no steps bar)
+        denoise = None if ranks.distributed else bars.add_task("steps", total=per_image)
+
+        def step() -> None:
+            if bars.tasks[denoise].completed >= per_image:
+                bars.reset(denoise)
+            bars.advance(denoise)
+
+        records = generate_to_folder(loaded.pipe, prompts, seeds, settings, out_dir, model_info=info, dual=dual,
+                                     compare=compare, on_step=None if denoise is None else step,
+                                     on_image=lambda: bars.advance(images), ranks=ranks)
     what = "dense" if dense else f"CR-Diff k={info['k']:g}, ratios {info['ratios']}"
     if meta is not None:
         what += f", from {artifact}" + (f" on {info['provider']}" if "provider" in info else "")
