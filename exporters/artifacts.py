@@ -9,6 +9,7 @@ base pipeline, whose UNet config must be the artifact's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from crdiff_cli import defaults
@@ -99,18 +100,21 @@ def check_base(meta: ArtifactMetadata, unet_config, base: str) -> None:
 
 
 def attach_artifact(loaded, path: Path, meta: ArtifactMetadata, *, k: float | None = None, ratios=None,
-                    masks: str = defaults.MASKS, provider: str | None = None, fold_masks: bool = True):
+                    masks: str = defaults.MASKS, provider: str | None = None, fold_masks: bool = True,
+                    warn: Callable[[str], None] | None = None):
     """Replace ``loaded.pipe.unet`` by the artifact's; returns ``(dual or None, info)``.
 
     On the live path (safetensors) ``k`` / ``ratios`` override
-    the baked ones; ``dual`` is the DualUNet there and None for ONNX, whose k is fixed.
+    the baked ones; ``dual`` is the DualUNet there and None for ONNX, whose k is fixed. Either way the
+    weights are checked against the digest recorded at bake; ``warn`` hears that an ONNX artifact baked
+    without one is unverified (see :func:`~crdiff_cli.exporters.onnx_runtime.open_session`).
     """
     check_base(meta, loaded.unet.config, loaded.source)
     info = {"artifact": str(path), "artifact_format": format_of(path), "mode": "crdiff"}
     if format_of(path) == "onnx":
         from crdiff_cli.exporters.onnx_runtime import OnnxUNet, open_session
 
-        session = open_session(path, provider=provider, fold_masks=fold_masks)
+        session = open_session(path, provider=provider, fold_masks=fold_masks, warn=warn)
         loaded.pipe.unet = OnnxUNet(session, meta, loaded.unet.dtype)
         return None, {**info, "k": meta.k, "ratios": str(meta.spec.ratios), "thresholds": meta.spec.thresholds(),
                       "provider": session.get_providers()[0], "ort_fold_masks": fold_masks}

@@ -13,6 +13,7 @@ slower. The file on disk is the same either way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,14 +55,23 @@ def session_options(fold_masks: bool = True, threads: int | None = None):
     return options
 
 
-def open_session(path: Path, *, provider: str | None = None, fold_masks: bool = True, threads: int | None = None):
-    """An ``InferenceSession`` on ``path``; load failures become one :class:`ArtifactError` line."""
+def open_session(path: Path, *, provider: str | None = None, fold_masks: bool = True, threads: int | None = None,
+                 warn: Callable[[str], None] | None = None):
+    """An ``InferenceSession`` on ``path``; load failures become one :class:`ArtifactError` line.
+
+    The weights are checked against the digest recorded at bake time first
+    (:func:`~crdiff_cli.exporters.onnx_artifact.check_weights`): a modified or corrupted artifact is refused
+    before ONNX Runtime reads it. An artifact baked without a digest opens, and ``warn`` hears one line saying
+    its weights are unverified (default: a Python ``UserWarning``; the CLI passes its own ``warning:`` line).
+    """
     import onnxruntime as ort
 
-    from crdiff_cli.exporters.onnx_artifact import check_external_data
+    from crdiff_cli.exporters import onnx_artifact
 
     providers = choose_providers(provider)
-    check_external_data(path)
+    unverified = onnx_artifact.check_weights(path)
+    if unverified:
+        (warn or _warn)(unverified)
     try:
         return ort.InferenceSession(str(path), session_options(fold_masks, threads), providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
@@ -128,3 +138,10 @@ class OnnxUNet(nn.Module):
 
             return UNet2DConditionOutput(sample=out)
         return (out,)
+
+
+def _warn(message: str) -> None:
+    """``open_session``'s default ``warn`` for library callers: a Python warning."""
+    import warnings
+
+    warnings.warn(message, UserWarning, stacklevel=3)

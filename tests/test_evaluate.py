@@ -239,7 +239,7 @@ def test_coco_captions_json(tmp_path):
         {"image_id": 3, "id": 7, "caption": "three"}, {"image_id": 4, "id": 1, "caption": "four"}]}
     path = tmp_path / "captions_val2014.json"
     path.write_text(json.dumps(coco))
-    assert read_prompt_source(path) == ["three", "four", "nine first"]
+    assert read_prompt_source(path, "first") == ["three", "four", "nine first"]  # --coco-sample first
 
 
 @pytest.mark.parametrize("args, message", [

@@ -12,6 +12,11 @@ pulling torchvision). Its package ``__init__`` imports its dataset helpers, whic
 torchmetrics imports the one module it needs, ``feature_extractor_inceptionv3`` (plain torch).
 The weights file is read by torch-fidelity with ``torch.load``, whose default is ``weights_only=True``
 on the torch this project requires (>= 2.6): a pickle cannot run code.
+
+Preprocessing (``--fid-resize``, :class:`FidScorer`'s ``resize``) is an explicit choice because FID depends
+on it: ``256`` resizes every image, generated and real alike, to 256x256 with PIL's bicubic filter (the
+aspect ratio is not kept), as the CR-Diff authors' evaluation code does before computing its metrics;
+``none`` feeds the images as they are. Either way the Inception network then resizes to 299x299 itself.
 """
 
 from __future__ import annotations
@@ -21,12 +26,48 @@ import sys
 import types
 from pathlib import Path
 
-from crdiff_cli.errors import CrdiffError
+from crdiff_cli.errors import CrdiffError, ParameterError
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 DEFAULT_WEIGHTS = Path("~/.cache/torch/hub/checkpoints") / INCEPTION_FILE  # where torch-fidelity downloads it
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 INSTALL_HINT = "pip install --no-deps torch-fidelity==0.3.0"
+FID_RESIZES = {"256": 256, "none": None}  # --fid-resize: the paper's 256x256 bicubic, or the images as they are
+DEFAULT_FID_RESIZE = "256"  # reproduces the paper's FID preprocessing
+
+
+def parse_fid_resize(text: str) -> int | None:
+    """``--fid-resize``: ``"256"`` -> 256 (the side of the bicubic resize), ``"none"`` -> None."""
+    key = str(text).strip().lower()
+    if key not in FID_RESIZES:
+        raise ParameterError("fid_resize", text, "must be 256 (both image sets resized to 256x256, bicubic, as the "
+                             "paper's evaluation does) or none (the images as they are)")
+    return FID_RESIZES[key]
+
+
+def resize_label(resize: int | None) -> str:
+    """How a run records the choice (results.json, the journal's identity): ``"256"`` or ``"none"``."""
+    return "none" if resize is None else str(resize)
+
+
+def resize_description(resize: int | None) -> str:
+    if resize is None:
+        return "images as they are (no resize before Inception)"
+    return f"generated and real images resized to {resize}x{resize} (PIL bicubic, aspect ratio not kept)"
+
+
+def preprocess(image, resize: int | None = None):
+    """What FID's Inception sees of a PIL image: an HxWx3 uint8 array, after the ``resize`` preprocessing.
+
+    The resize is done in the image's own mode and then converted to RGB, as resizing the file with PIL and
+    reading the saved PNG back does.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if resize is not None:
+        image = image.resize((resize, resize), Image.Resampling.BICUBIC)
+    return np.asarray(image.convert("RGB"))
 
 
 def reference_images(folder: Path) -> list[Path]:
@@ -76,14 +117,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 class FidScorer:
-    """FID of image sets against one reference set, whose Inception statistics are computed once."""
+    """FID of image sets against one reference set, whose Inception statistics are computed once.
+
+    ``resize``: the preprocessing of every image, reference and generated alike (:func:`preprocess`):
+    ``256`` for the paper's 256x256 bicubic resize, ``None`` for the images as they are.
+    """
 
     name = "fid"
 
-    def __init__(self, weights: Path, references: list[Path], device: str = "cpu", batch_size: int = 16):
+    def __init__(self, weights: Path, references: list[Path], device: str = "cpu", batch_size: int = 16,
+                 resize: int | None = None):
         self.metric = fid_class()(feature=2048, reset_real_features=False,
                                   feature_extractor_weights_path=str(weights)).to(device)
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.resize = device, batch_size, resize
         self._update(references, real=True)
 
     def _update(self, paths: list[Path], real: bool) -> None:
@@ -98,7 +144,7 @@ class FidScorer:
         batch = []
         for path in paths:
             with Image.open(path) as im:
-                array = np.asarray(im.convert("RGB"))
+                array = preprocess(im, self.resize)
             if batch and (array.shape != batch[0].shape or len(batch) == self.batch_size):
                 flush(batch)
                 batch = []

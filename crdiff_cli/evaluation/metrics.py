@@ -43,8 +43,14 @@ class MetricSpec:
         return self.name != "fid"
 
 
-def parse_metrics(text: str, *, reference_images: Path | None, num_generated: int) -> list[MetricSpec]:
-    """Parse and check ``--metrics`` (names, weights files, FID's reference folder) without loading anything."""
+def parse_metrics(text: str, *, reference_images: Path | None, num_generated: int,
+                  reference_files: list[Path] | None = None, sampler_uses_reference: bool = False) -> list[MetricSpec]:
+    """Parse and check ``--metrics`` (names, weights files, FID's reference folder) without loading anything.
+
+    ``reference_files``: FID's real images when they are not the whole folder (the COCO images of the
+    ``paper`` prompt set); ``sampler_uses_reference``: the folder also decides the prompts (the ``paper``
+    sampler skips images missing from it), so it is accepted without ``fid``.
+    """
     specs = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -55,14 +61,15 @@ def parse_metrics(text: str, *, reference_images: Path | None, num_generated: in
             raise CrdiffError(f"unknown metric {spec.name!r} in --metrics; choose from {', '.join(LABELS)}")
         if any(s.name == spec.name for s in specs):
             raise CrdiffError(f"metric {spec.name!r} is given twice in --metrics; keep one")
-        _check_files(spec, reference_images, num_generated)
+        _check_files(spec, reference_images, num_generated, reference_files)
         specs.append(spec)
-    if reference_images is not None and not any(s.name == "fid" for s in specs):
+    if reference_images is not None and not sampler_uses_reference and not any(s.name == "fid" for s in specs):
         raise CrdiffError("--reference-images is only used by the fid metric; add fid to --metrics or drop it")
     return sorted(specs, key=lambda s: PAPER_ORDER.index(s.name))
 
 
-def _check_files(spec: MetricSpec, reference_images: Path | None, num_generated: int) -> None:
+def _check_files(spec: MetricSpec, reference_images: Path | None, num_generated: int,
+                 reference_files: list[Path] | None = None) -> None:
     name, arg = spec.name, spec.arg
     if name in ("clip", "pickscore"):
         if not arg:
@@ -81,10 +88,11 @@ def _check_files(spec: MetricSpec, reference_images: Path | None, num_generated:
         from crdiff_cli.evaluation.fid import check_available, reference_images as list_images, weights_path
         if reference_images is None:
             raise CrdiffError("metric fid needs --reference-images DIR (a folder of real images, e.g. COCO val2014)")
-        found = len(list_images(reference_images))
+        found = len(list_images(reference_images) if reference_files is None else reference_files)
         if found < 2:
-            raise CrdiffError(f"--reference-images {reference_images} has {found} image(s); FID needs at least 2 "
-                              "(thousands for a meaningful value)")
+            which = "" if reference_files is None else " of the prompt set"
+            raise CrdiffError(f"--reference-images {reference_images} has {found} image(s){which}; FID needs at "
+                              "least 2 (thousands for a meaningful value)")
         if num_generated < 2:
             raise CrdiffError(f"FID needs at least 2 generated images per variant (got {num_generated}); raise "
                               "--num-images or give more prompts")
@@ -125,12 +133,18 @@ class ImageMetric:
         return [s * self.scale for s in self.scorer.score(images, prompts)]
 
 
-def load_metrics(specs: list[MetricSpec], *, device: str, reference_images: Path | None):
-    """``(per-image metrics, FID scorer or None)``, each model loaded once."""
+def load_metrics(specs: list[MetricSpec], *, device: str, reference_images: Path | None,
+                 reference_files: list[Path] | None = None, fid_resize: int | None = None):
+    """``(per-image metrics, FID scorer or None)``, each model loaded once.
+
+    FID's real images are ``reference_files`` if given, else every image of ``reference_images``;
+    ``fid_resize`` is its preprocessing (:class:`crdiff_cli.evaluation.fid.FidScorer`).
+    """
     image_metrics = [ImageMetric(s, device) for s in specs if s.per_image]
     fid = next((s for s in specs if s.name == "fid"), None)
     if fid is None:
         return image_metrics, None
     from crdiff_cli.evaluation.fid import FidScorer, reference_images as list_images, weights_path
 
-    return image_metrics, FidScorer(weights_path(fid.arg), list_images(reference_images), device)
+    references = list_images(reference_images) if reference_files is None else list(reference_files)
+    return image_metrics, FidScorer(weights_path(fid.arg), references, device, resize=fid_resize)

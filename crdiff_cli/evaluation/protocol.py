@@ -23,13 +23,13 @@ batch size 1; on a GPU a batch shares its calls (faster, rounded differently fro
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from crdiff_cli import defaults
-from crdiff_cli.errors import CrdiffError
+from crdiff_cli.errors import CrdiffError, ParameterError
 from crdiff_cli.pruning.resolution import Resolution
 
 VARIANTS = ("dense", "pruned", "crdiff")
@@ -84,31 +84,78 @@ def parse_variants(text: str) -> list[str]:
     return [v for v in VARIANTS if v in variants]
 
 
-def read_prompt_source(path: Path) -> list[str]:
-    """Prompts from a text file (one per line) or an MS-COCO captions JSON (``captions_val2014.json``).
-
-    From COCO, one caption per image: the annotation with the smallest id, images by ascending id.
-    ``--limit 5000`` then gives the 5K-prompt set described in docs/evaluate.md.
+def read_prompt_source(path: Path, coco_sample: str | None = None, reference_images: Path | None = None) -> list[str]:
+    """Prompts from a text file (one per line) or a JSON file: an MS-COCO captions JSON
+    (``captions_val2014.json``) sampled by ``coco_sample`` (default ``paper``: the authors' 5K sample; ``first``:
+    one caption per image, images by ascending id), or a saved prompt set (:mod:`crdiff_cli.evaluation.coco`).
     """
     from crdiff_cli.pipelines.prompts import read_prompts
 
-    if path.suffix.lower() != ".json":
+    if not is_json_source(path):
+        if coco_sample is not None:
+            raise ParameterError("coco_sample", coco_sample, "applies to an MS-COCO captions JSON (--prompts FILE.json)")
         return read_prompts(path)
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        first: dict[int, tuple[int, str]] = {}
-        for ann in data["annotations"]:
-            image, ann_id, caption = int(ann["image_id"]), int(ann["id"]), " ".join(str(ann["caption"]).split())
-            if caption and (image not in first or ann_id < first[image][0]):
-                first[image] = (ann_id, caption)
-    except FileNotFoundError:
-        raise CrdiffError(f"prompts file {path} does not exist") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CrdiffError(f"{path} is not an MS-COCO captions JSON (need annotations with image_id, id, caption: "
-                          f"{type(exc).__name__} {exc}); pass that file or a text file with one prompt per line") from None
-    if not first:
-        raise CrdiffError(f"{path} has no captions")
-    return [first[image][1] for image in sorted(first)]
+    from crdiff_cli.evaluation.coco import prompt_set
+
+    return prompt_set(path, coco_sample, reference_images).prompts
+
+
+def is_json_source(path: Path) -> bool:
+    """Whether ``--prompts`` names a JSON file (COCO captions or a saved prompt set) rather than a text file."""
+    return Path(path).suffix.lower() == ".json"
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """The prompts of a run and, from a COCO JSON, the prompt set they are (``full``: before ``--limit``)."""
+
+    prompts: list[str]
+    full: object | None = None  # crdiff_cli.evaluation.coco.PromptSet
+    used: object | None = None
+
+    @cached_property
+    def reference_files(self) -> list[Path] | None:
+        """FID's real images when they are the prompt set's own (``paper``); None: the whole folder."""
+        return None if self.used is None else self.used.reference_files()
+
+    @property
+    def sampler_uses_reference(self) -> bool:
+        """Whether ``--reference-images`` decided the prompts (the ``paper`` sampler skips missing images)."""
+        return self.full is not None and self.full.sampler == "paper" and not self.full.saved
+
+    @property
+    def warning(self) -> str | None:
+        full = self.full
+        if full is None or not full.missing or full.saved:
+            return None
+        return (f"{len(full.missing):,} of the {full.size:,} sampled images are not in {full.reference_images} "
+                f"(e.g. {full.missing[0]}): their prompts are skipped, as the authors' script skips them "
+                f"({len(full.pairs):,} prompts remain)")
+
+    def identity(self) -> dict | None:
+        return None if self.used is None else self.used.summary()
+
+
+def prompt_source(*, prompt: str | None, prompts_file: Path | None, coco_sample: str | None = None,
+                  reference_images: Path | None = None, limit: int | None = None) -> PromptSource:
+    """The run's prompts from ``--prompt`` or ``--prompts`` (text, COCO captions JSON or saved prompt set),
+    cut to ``limit``; checked, nothing loaded."""
+    from crdiff_cli.validation import check_prompt
+
+    if (prompt is None) == (prompts_file is None):
+        raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
+    if limit is not None and limit < 1:
+        raise ParameterError("limit", limit, "must be at least 1")
+    if prompts_file is None or not is_json_source(prompts_file):
+        if coco_sample is not None:
+            raise ParameterError("coco_sample", coco_sample, "applies to an MS-COCO captions JSON (--prompts FILE.json)")
+        prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompt_source(prompts_file)
+        return PromptSource(prompts[:limit])
+    from crdiff_cli.evaluation.coco import prompt_set
+
+    full = prompt_set(prompts_file, coco_sample, reference_images)
+    used = full.head(limit)
+    return PromptSource(used.prompts, full, used)
 
 
 def prompts_hash(prompts: list[str]) -> str:
@@ -256,13 +303,16 @@ class Session:
 
 def start(*, model: str, identity: dict, settings: dict, prompts: list[str], specs, reference_images: Path | None,
           k: float, ratios: str | None, profile: str | None, dtype: str, device: str, out_dir: Path, resume: bool,
-          overwrite: bool, warn: Callable[[str], None], ranks=None, loras=(), inputs=None) -> Session:
+          overwrite: bool, warn: Callable[[str], None], ranks=None, loras=(), inputs=None,
+          reference_files: list[Path] | None = None, fid_resize: int | None = None) -> Session:
     """Load the model and metric models, choose each resolution's ratios, open ``scores.jsonl``.
 
     Under torchrun (``ranks``) every rank loads the models onto its own device; rank 0 alone loads the
     FID model (FID is computed from the written images in :func:`finish`) and opens the journal.
     ``loras`` (:mod:`crdiff_cli.pipelines.lora`) are fused right after loading; ``inputs``
     (:class:`~crdiff_cli.pipelines.conditioning.ImageInputs`) picks diffusers' ControlNet / img2img / inpainting pipeline.
+    FID's real images are ``reference_files`` when given (the ``paper`` COCO prompt set's own images), else the
+    whole ``reference_images`` folder; ``fid_resize`` is FID's preprocessing (256: 256x256 bicubic; None: as is).
     """
     from crdiff_cli.runtime.distributed import SINGLE
     from crdiff_cli.evaluation.metrics import load_metrics
@@ -279,7 +329,8 @@ def start(*, model: str, identity: dict, settings: dict, prompts: list[str], spe
             warn(choice.warning)
         choices[res] = choice
     image_metrics, fid = load_metrics(specs if ranks.is_main else [s for s in specs if s.per_image],
-                                      device=ranks.device(device), reference_images=reference_images)
+                                      device=ranks.device(device), reference_images=reference_images,
+                                      reference_files=reference_files, fid_resize=fid_resize)
     info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device,  # as generate records it
             **({"loras": [x.label for x in loras]} if loras else {}), **(inputs.info() if inputs is not None else {})}
     evaluation = Evaluation(loaded, model_info=info, ratio_choices=choices, settings=settings, prompts=prompts, k=k,

@@ -124,14 +124,34 @@ def _gallery(records, prompts, variants, resolutions) -> str:
     return "".join(out)
 
 
+def _protocol_lines(run: dict) -> str:
+    """The choices the numbers depend on, in words: where the prompts came from, FID's preprocessing."""
+    lines = []
+    ps = run.get("prompt_set")
+    if ps:
+        if ps["sampler"] == "paper":
+            skipped = f", {ps['missing']:,} missing from the reference folder and skipped" if ps.get("missing") else ""
+            how = f"the paper's sampler (seed {ps['seed']}, {ps['size']:,} images drawn{skipped})"
+        else:
+            how = "the first images by id, one caption each"
+        lines.append(f"prompts: MS-COCO captions {ps['source']} (sha256 {str(ps['source_sha256'])[:12]}), {how}")
+    if run.get("fid_resize"):
+        from crdiff_cli.evaluation.fid import FID_RESIZES, resize_description
+
+        lines.append(f"FID preprocessing (--fid-resize {run['fid_resize']}): "
+                     f"{resize_description(FID_RESIZES.get(run['fid_resize']))}")
+    return "".join(f"<p>{escape(line)}</p>" for line in lines)
+
+
 def render(*, title: str, run: dict, results, records: list[dict], specs, variants: list[str],
            resolutions: list[str], prompts: list[str]) -> str:
     """The whole page as a string."""
     charts = "".join(_chart(results.rows, s, variants, resolutions) for s in specs)
     legend = " ".join(f"<span style='color:{COLORS[v]}'>■</span> {escape(v)}" for v in variants)
-    settings = escape(", ".join(f"{k}={v}" for k, v in run.items() if k not in ("prompts_sha256",)))
+    settings = escape(", ".join(f"{k}={v}" for k, v in run.items() if k not in ("prompts_sha256", "prompt_set")))
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1><p><small>{settings}</small></p>"
+            f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>{_protocol_lines(run)}"
+            f"<p><small>{settings}</small></p>"
             f"{_table(results.rows, specs, variants, resolutions)}<p><small>bold: best variant per resolution "
             f"and metric; hover a value for its 95% bootstrap interval</small></p>"
             f"<h2>Means with 95% intervals</h2><p>{legend}</p><div class=charts>{charts}</div>"

@@ -17,12 +17,22 @@ from crdiff_cli.errors import CrdiffError
 @command
 def evaluate(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
-    res: List[str] = typer.Option(..., "--res", help=RES_HELP + " Repeat for several resolutions."),
+    res: List[str] = typer.Option(..., "--res", metavar="HxW", help=RES_HELP + " Repeat for several resolutions."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder: images/, scores.jsonl, results.csv/json, "
                                  "paired.csv, report.html."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="A single prompt."),
-    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A text file (one prompt per line) or an "
-                                                "MS-COCO captions JSON (one caption per image)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A text file (one prompt per line), an "
+                                                "MS-COCO captions JSON (sampled as --coco-sample says) or a prompt "
+                                                "set saved by --save-prompt-set."),
+    coco_sample: Optional[str] = typer.Option(None, "--coco-sample", metavar="paper|first", help="How prompts are "
+                                              "taken from a COCO captions JSON: paper (default: the authors' seeded "
+                                              "sample of 5,000 images, a random caption each; images missing from "
+                                              "--reference-images are skipped, and the sampled images are FID's "
+                                              "reference set) or first (the first images by id, one caption each)."),
+    save_prompt_set: Optional[Path] = typer.Option(None, "--save-prompt-set", metavar="FILE.json", help="Write the "
+                                                   "COCO prompt set (name, image id, caption, image file of every "
+                                                   "prompt) to FILE.json, then run; pass it back as --prompts to "
+                                                   "reuse it."),
     variants: str = typer.Option("dense,pruned,crdiff", "--variants", help="Comma-separated: dense (unmodified), "
                                  "pruned (k = 1, Table 7's 'pruned'), crdiff (POA at --k)."),
     k: float = typer.Option(defaults.K, "--k", help="POA coefficient of the crdiff variant (as in generate)."),
@@ -31,7 +41,11 @@ def evaluate(
                                           "each resolution (nearest, with a warning)."),
     metrics: str = typer.Option("imagereward", "--metrics", help="Comma-separated: imagereward[:CKPT], clip:MODEL, "
                                 "pickscore:MODEL, aesthetic:HEAD, fid[:INCEPTION_WEIGHTS], tiny."),
-    reference_images: Optional[Path] = typer.Option(None, "--reference-images", help="Folder of real images for fid."),
+    reference_images: Optional[Path] = typer.Option(None, "--reference-images", help="Folder of real images for fid "
+                                                    "(COCO's val2014 with a COCO captions JSON)."),
+    fid_resize: Optional[str] = typer.Option(None, "--fid-resize", metavar="256|none", help="FID preprocessing: 256 "
+                                             "(default) resizes generated and real images to 256x256, bicubic, as "
+                                             "the paper's evaluation does; none feeds them as they are."),
     seed: int = typer.Option(0, "--seed", help="First seed; image j of a prompt uses seed + j."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt and variant."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts."),
@@ -70,9 +84,10 @@ def evaluate(
     """
     from crdiff_cli.pipelines.conditioning import ImageInputs
     from crdiff_cli.evaluation.metrics import parse_metrics
-    from crdiff_cli.evaluation.protocol import SCORES, parse_variants, prompts_hash, read_prompt_source, work_items
+    from crdiff_cli.evaluation.fid import DEFAULT_FID_RESIZE, parse_fid_resize, resize_label
+    from crdiff_cli.evaluation.protocol import SCORES, parse_variants, prompt_source, prompts_hash, work_items
     from crdiff_cli.pipelines.generation import GenerationSettings
-    from crdiff_cli.dual.unet import check_k
+    from crdiff_cli.dual.options import check_k
     from crdiff_cli.pipelines.loading import torch_dtype
     from crdiff_cli.pruning.profile_table import check_ratio_source
     from crdiff_cli.pipelines.lora import prepare_loras
@@ -80,14 +95,15 @@ def evaluate(
     from crdiff_cli.validation import check_device, check_prompt
 
     resolutions = list(dict.fromkeys(Resolution.parse(r) for r in res))
-    if (prompt is None) == (prompts_file is None):
-        raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
-    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompt_source(prompts_file)
+    resize = parse_fid_resize(DEFAULT_FID_RESIZE if fid_resize is None else fid_resize)
+    source = prompt_source(prompt=prompt, prompts_file=prompts_file, coco_sample=coco_sample,
+                           reference_images=reference_images, limit=limit)
+    if save_prompt_set is not None and source.full is None:
+        raise CrdiffError("--save-prompt-set writes the prompt set of a COCO captions JSON; pass --prompts FILE.json")
+    if source.warning:
+        warn(source.warning)
+    prompts = source.prompts
     check_prompt("--negative-prompt", negative_prompt, empty_ok=True)
-    if limit is not None:
-        if limit < 1:
-            raise CrdiffError(f"--limit {limit} must be at least 1")
-        prompts = prompts[:limit]
     variant_list = parse_variants(variants)
     k_warning = check_k(k)
     check_ratio_source(ratios=ratios, profile=profile, resolution=resolutions[0])
@@ -102,15 +118,21 @@ def evaluate(
     settings = {r: GenerationSettings(r, steps, guidance, negative_prompt, scheduler, inputs if inputs.active else None)
                 for r in resolutions}
     seeds = list(range(seed, seed + num_images))
-    specs = parse_metrics(metrics, reference_images=reference_images, num_generated=len(prompts) * len(seeds))
+    specs = parse_metrics(metrics, reference_images=reference_images, num_generated=len(prompts) * len(seeds),
+                          reference_files=source.reference_files, sampler_uses_reference=source.sampler_uses_reference)
+    has_fid = any(s.name == "fid" for s in specs)
+    if fid_resize is not None and not has_fid:
+        raise CrdiffError("--fid-resize is only used by the fid metric; add fid to --metrics or drop it")
     identity = {"model": model, "resolutions": [str(r) for r in resolutions], "variants": variant_list, "k": k,
                 "ratios": ratios, "profile": profile, "metrics": [s.spec for s in specs],
                 "reference_images": str(reference_images.resolve()) if reference_images else None,
                 "prompts_sha256": prompts_hash(prompts), "num_prompts": len(prompts), "seeds": seeds, "steps": steps,
                 "guidance": guidance, "negative_prompt": negative_prompt, "scheduler": scheduler, "dtype": dtype,
-                "device": device, "batch_size": batch_size, "loras": [x.label for x in loras], **inputs.info()}
+                "device": device, "batch_size": batch_size, "loras": [x.label for x in loras], **inputs.info(),
+                "prompt_set": source.identity(), "fid_resize": resize_label(resize) if has_fid else None}
     ranks = start_ranks(device)
-    ranks.on_main(lambda: _check_out(out_dir, identity, resume=resume, overwrite=overwrite))  # files: rank 0's
+    ranks.on_main(lambda: _prepare_outputs(out_dir, identity, source, save_prompt_set, resume=resume,
+                                           overwrite=overwrite))  # files: rank 0's
     if k_warning:
         warn(k_warning)
     items = work_items(resolutions, variant_list, len(prompts), seeds)
@@ -122,7 +144,7 @@ def evaluate(
         session = start(model=model, identity=identity, settings=settings, prompts=prompts, specs=specs,
                         reference_images=reference_images, k=k, ratios=ratios, profile=profile, dtype=dtype,
                         device=device, out_dir=out_dir, resume=resume, overwrite=overwrite, warn=warn, ranks=ranks,
-                        loras=loras, inputs=inputs)
+                        loras=loras, inputs=inputs, reference_files=source.reference_files, fid_resize=resize)
     with _progress() as bars:
         todo = session.pending(items, batch_size)
         images = bars.add_task("images", total=len(items), completed=len(items) - sum(len(b) for b in todo))
@@ -136,6 +158,18 @@ def evaluate(
         results = finish(session, items, variant_list, resolutions)
     out.print(results_table(results.rows, specs, variant_list, [str(r) for r in resolutions]))
     out.print(f"wrote {len(items)} images, scores.jsonl, results.csv/json, paired.csv and report.html to {out_dir}")
+
+
+def _prepare_outputs(out_dir: Path, identity: dict, source, save_prompt_set: Path | None, *, resume: bool,
+                     overwrite: bool) -> None:
+    """Check --save-prompt-set and --out (before either is written), then write the prompt set."""
+    from crdiff_cli.evaluation.coco import check_save_path, save_prompt_set as save
+
+    if save_prompt_set is not None:
+        check_save_path(source.full, save_prompt_set, overwrite=overwrite)
+    _check_out(out_dir, identity, resume=resume, overwrite=overwrite)
+    if save_prompt_set is not None:
+        save(source.full, save_prompt_set, overwrite=overwrite)
 
 
 def _check_out(out_dir: Path, identity: dict, *, resume: bool, overwrite: bool) -> None:

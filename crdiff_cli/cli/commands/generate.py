@@ -131,7 +131,7 @@ def generate(
 
         with err.status(f"loading {artifact}"):
             dual, artifact_info = attach_artifact(loaded, artifact, meta, k=k, ratios=wanted, masks=masks,
-                                                  provider=provider, fold_masks=ort_fold_masks)
+                                                  provider=provider, fold_masks=ort_fold_masks, warn=warn)
         info.update(artifact_info)
     elif dense:
         info.update(mode="dense", k=0.0)
