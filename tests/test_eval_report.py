@@ -94,5 +94,22 @@ def test_report_loads_cleanly_in_chromium(tmp_path, tiny_dirs):
     verdict = check_page(out / "report.html", tmp_path)
     assert verdict["errors"] == [] and verdict["console"] == []
     assert verdict["images"] == 2 * 3 * 2 * 2 and verdict["bad"] == []  # resolutions x variants x prompts x seeds
-    assert verdict["svgs"] == 1  # one chart per metric
+    assert verdict["svgs"] == 2  # per metric: the forest plot of paired differences and the chart of means
+    forest = html.split("class=forest>", 1)[1].split("</svg>", 1)[0]
+    assert forest.count("<circle") == 2 * 2  # resolutions x (CR-Diff - pruned, CR-Diff - dense)
+    assert "32x32  crdiff − pruned" in forest and "40x32  crdiff − dense" in forest
+    chart = html.split("role=img>", 2)[-1].split("</svg>", 1)[0]
+    assert ">32x32</text>" in chart and ">40x32</text>" in chart  # every bar group says its resolution
+    assert "=None" not in html and "ratios at 32x32" in html  # settings in words, not a Python repr
     assert verdict["cells"] > 6
+
+
+def test_forest_plot_states_the_papers_direction():
+    """The paper's Table 7 (docs/evaluate.md) counted: CR-Diff beat the pruned model in every ImageReward row,
+    and in 4 of 13 Aesthetic rows."""
+    from crdiff_cli.evaluation.report import _paper_direction
+
+    assert _paper_direction("imagereward") == "paper, Table 7 (CR-Diff − pruned): better in 13 of 13 rows"
+    assert _paper_direction("aesthetic").endswith("better in 4 of 13 rows, worse in 9")
+    assert _paper_direction("clip").endswith("better in 11 of 13 rows, equal in 2")
+    assert _paper_direction("tiny") == ""

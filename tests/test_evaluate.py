@@ -229,8 +229,48 @@ def test_resume_refuses_other_settings_and_existing_run(tmp_path, tiny_dirs):
     other = invoke(*base, "--steps", "3", "--metrics", "tiny", "--resume")
     assert other.exit_code == 2 and "different evaluation" in other.stderr and "steps" in other.stderr
     before = (out / "scores.jsonl").read_bytes()
-    ok(invoke(*base, *COMMON, "--resume"))  # nothing left to do: nothing appended
+    done = ok(invoke(*base, *COMMON, "--resume"))  # nothing left to do: nothing appended
     assert (out / "scores.jsonl").read_bytes() == before
+    assert "wrote 0 new images (1 already made)" in done.stdout
+
+
+def test_disk_filling_up_is_one_line_and_resume_finishes(tmp_path, tiny_dirs, monkeypatch):
+    import errno
+
+    import crdiff_cli.pipelines.images as images
+
+    real, calls = images.write_file, []
+
+    def write_file(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    out = tmp_path / "ev"
+    base = ["--model", "tiny", "--res", "32x32", "--prompts", str(prompts_file(tmp_path, PROMPTS[:2])), "--variants",
+            "dense", "--out", str(out), *COMMON]
+    monkeypatch.setattr(images, "write_file", write_file)
+    result = invoke(*base)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no space left" in errors[0], result.stderr
+    monkeypatch.setattr(images, "write_file", real)
+    done = ok(invoke(*base, "--resume"))
+    assert "wrote 1 new image (1 already made)" in done.stdout
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, tiny_dirs, monkeypatch):
+    from crdiff_cli.evaluation import protocol
+
+    def interrupted(self, todo, on_batch=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(protocol.Session, "run", interrupted)
+    out = tmp_path / "ev"
+    result = invoke("--model", "tiny", "--res", "32x32", "--prompt", "a fox", "--variants", "dense", "--out", str(out),
+                    *COMMON)
+    assert result.exit_code == 130 and "add --resume to continue" in result.stderr
 
 
 def test_coco_captions_json(tmp_path):

@@ -27,7 +27,6 @@ branch whose weight is zero.
 from __future__ import annotations
 
 import json
-import math
 import os
 import weakref
 from pathlib import Path
@@ -37,7 +36,7 @@ from diffusers import ModelMixin
 from torch import nn
 
 from crdiff_cli import defaults
-from crdiff_cli.dual.options import MASK_MODES, check_k, check_masks
+from crdiff_cli.dual.options import check_k, check_masks
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pruning.spec import PruneSpec, check_matches, pruned_weight
 

@@ -1,4 +1,5 @@
-"""``report.html``: one page to judge an evaluation — the table, bar charts with CI whiskers, the images.
+"""``report.html``: one page to judge an evaluation — the table, the paired differences as a forest plot next
+to the direction the paper found, bar charts of the means, the images.
 
 Self-contained: styles and charts (inline SVG) are in the page, nothing is fetched from the network;
 images are the evaluation's own PNGs, referenced relative to the page (it lives in the output folder),
@@ -17,6 +18,10 @@ td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4
 .row{display:flex;gap:10px;flex-wrap:wrap}figure{margin:0;text-align:center}figcaption{font-size:12px}
 img{max-width:256px;min-width:96px;image-rendering:auto}small{color:#666}"""
 COLORS = {"dense": "#8c8c8c", "pruned": "#4c78a8", "crdiff": "#e45756"}
+# The paper's Table 7 (CR-Diff - pruned, 13 model x resolution rows): in how many rows CR-Diff did better
+# (FID: lower), equal, and worse. Read off the table printed in docs/evaluate.md.
+PAPER_TABLE7 = {"fid": (11, 0, 2), "clip": (11, 2, 0), "imagereward": (13, 0, 0), "pickscore": (11, 0, 2),
+                "aesthetic": (4, 0, 9)}
 
 
 def _fmt(value) -> str:
@@ -65,15 +70,17 @@ def _chart(rows, spec, variants, resolutions) -> str:
     values = [x for _, _, r in data for x in (r["mean"], r["ci_low"], r["ci_high"]) if x is not None]
     low, high = min(0.0, *values), max(0.0, *values)
     span = (high - low) or 1.0
-    width, height, bar = 40 + 26 * len(data) + 12 * len(resolutions), 180, 22
+    width, height, bar = 40 + 26 * len(data) + 12 * len(resolutions), 196, 22
 
     def y(value):
-        return 20 + (high - value) / span * (height - 50)
+        return 20 + (high - value) / span * (height - 66)
 
-    parts, x = [], 40
+    parts, x, group_start = [], 40, 40
     for i, (res, v, r) in enumerate(data):
         if i and data[i - 1][0] != res:
+            parts.append(_group_label(data[i - 1][0], group_start, x, height))
             x += 12
+            group_start = x
         top, zero = y(max(r["mean"], 0)), y(min(r["mean"], 0))
         parts.append(f"<rect x={x} y={top:.1f} width={bar} height={max(zero - top, 0.5):.1f} fill='{COLORS[v]}'>"
                      f"<title>{escape(res)} {escape(v)}: {_fmt(r['mean'])}</title></rect>")
@@ -82,11 +89,77 @@ def _chart(rows, spec, variants, resolutions) -> str:
             parts.append(f"<path d='M{cx} {y(r['ci_low']):.1f}V{y(r['ci_high']):.1f}M{cx - 5} {y(r['ci_low']):.1f}"
                          f"h10M{cx - 5} {y(r['ci_high']):.1f}h10' stroke='#000'/>")
         x += 26
+    parts.append(_group_label(data[-1][0], group_start, x, height))
     axis = f"<line x1=36 x2={width} y1={y(0):.1f} y2={y(0):.1f} stroke='#999'/>"
     ticks = "".join(f"<text x=2 y={y(t) + 4:.1f} font-size=10>{t:.3g}</text>" for t in (low, high))
     title = f"<text x=40 y=12 font-size=12>{escape(LABELS[spec.name])} (95% CI)</text>"
     return (f"<svg width={width} height={height} role=img>"
             f"{title}{ticks}{axis}{''.join(parts)}</svg>")
+
+
+def _group_label(resolution: str, left: float, right: float, height: int) -> str:
+    """A resolution's name under its group of bars."""
+    return (f"<text x={(left + right - 4) / 2:.1f} y={height - 14} font-size=10 text-anchor=middle>"
+            f"{escape(resolution)}</text>")
+
+
+def _paper_direction(metric: str) -> str:
+    if metric not in PAPER_TABLE7:
+        return ""
+    better, equal, worse = PAPER_TABLE7[metric]
+    return (f"paper, Table 7 (CR-Diff − pruned): better in {better} of 13 rows"
+            + (f", equal in {equal}" if equal else "") + (f", worse in {worse}" if worse else ""))
+
+
+def _forest(pairs: list[dict], spec) -> str:
+    """One metric's paired differences (a - b per image, mean and 95% interval) per resolution and comparison:
+    a point and a line per row, the zero line, and which side is better."""
+    rows = [p for p in pairs if p["metric"] == spec.name]
+    if not rows:
+        return ""
+    ends = [x for p in rows for x in (p["ci_low"], p["ci_high"], p["mean_diff"]) if x is not None]
+    reach = max(abs(x) for x in ends) or 1.0
+    label_w, plot_w, text_w, row_h = 170, 260, 230, 22
+    height = 46 + row_h * len(rows)
+
+    def x(value):
+        return label_w + plot_w / 2 + value / reach * (plot_w / 2 - 8)
+
+    better = "higher" if spec.higher_is_better else "lower"
+    parts = [f"<text x=0 y=13 font-size=12 font-weight=bold>{escape(LABELS[spec.name])}</text>",
+             f"<text x={label_w} y=13 font-size=11>{escape(_paper_direction(spec.name))}</text>",
+             f"<line x1={x(0):.1f} x2={x(0):.1f} y1=22 y2={height - 18} stroke='#999' stroke-dasharray='3 3'/>",
+             f"<text x={label_w + plot_w} y={height - 4} font-size=10 text-anchor=end>"
+             f"{'→' if spec.higher_is_better else '←'} CR-Diff better ({better} is better)</text>"]
+    for i, p in enumerate(rows):
+        cy = 34 + row_h * i
+        name = f"{p['resolution']}  {p['a']} − {p['b']}"
+        color = COLORS.get(p["b"], "#000")
+        parts.append(f"<text x=0 y={cy + 4} font-size=11>{escape(name)}</text>")
+        if p["ci_low"] is not None and p["ci_high"] is not None:
+            parts.append(f"<line x1={x(p['ci_low']):.1f} x2={x(p['ci_high']):.1f} y1={cy} y2={cy} stroke='{color}' "
+                         f"stroke-width='2'/>")
+        parts.append(f"<circle cx={x(p['mean_diff']):.1f} cy={cy} r=4 fill='{color}'><title>{escape(name)}: "
+                     f"{_fmt(p['mean_diff'])}</title></circle>")
+        parts.append(f"<text x={label_w + plot_w + 8} y={cy + 4} font-size=11>{_fmt(p['mean_diff'])} "
+                     f"[{_fmt(p['ci_low'])}, {_fmt(p['ci_high'])}]</text>")
+    return (f"<svg width={label_w + plot_w + text_w} height={height} role=img class=forest>"
+            f"{''.join(parts)}</svg>")
+
+
+def _settings(run: dict) -> str:
+    """The run's settings as a readable list (what was not set is left out)."""
+    def shown(value) -> str:
+        if isinstance(value, (list, tuple)):
+            return ", ".join(map(str, value))
+        return str(value)
+
+    items = [(k.replace("_", " "), shown(v)) for k, v in run.items()
+             if k not in ("prompts_sha256", "prompt_set", "scorers", "ratios_used") and v not in (None, "", [], {})]
+    items += [(f"ratios at {res}", ratios) for res, ratios in (run.get("ratios_used") or {}).items()]
+    items += [(f"scorer for {name}", scorer) for name, scorer in (run.get("scorers") or {}).items()]
+    return "<table class=settings>" + "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>"
+                                                 for k, v in items) + "</table>"
 
 
 def _paired_table(pairs) -> str:
@@ -147,12 +220,16 @@ def render(*, title: str, run: dict, results, records: list[dict], specs, varian
            resolutions: list[str], prompts: list[str]) -> str:
     """The whole page as a string."""
     charts = "".join(_chart(results.rows, s, variants, resolutions) for s in specs)
+    forests = "".join(_forest(results.paired, s) for s in specs)
     legend = " ".join(f"<span style='color:{COLORS[v]}'>■</span> {escape(v)}" for v in variants)
-    settings = escape(", ".join(f"{k}={v}" for k, v in run.items() if k not in ("prompts_sha256", "prompt_set")))
+    paired = (f"<h2>Paired differences, 95% intervals</h2><p><small>CR-Diff minus the other variant, image by "
+              f"image (same prompt and seed): an interval clear of the dashed zero line is a difference the run "
+              f"measured; the paper's direction is shown per metric.</small></p><div>{forests}</div>"
+              if forests else "")
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>{_protocol_lines(run)}"
-            f"<p><small>{settings}</small></p>"
+            f"<details><summary>settings</summary>{_settings(run)}</details>"
             f"{_table(results.rows, specs, variants, resolutions)}<p><small>bold: best variant per resolution "
             f"and metric; hover a value for its 95% bootstrap interval</small></p>"
-            f"<h2>Means with 95% intervals</h2><p>{legend}</p><div class=charts>{charts}</div>"
+            f"{paired}<h2>Means with 95% intervals</h2><p>{legend}</p><div class=charts>{charts}</div>"
             f"{_paired_table(results.paired)}{_gallery(records, prompts, variants, resolutions)}</body></html>\n")

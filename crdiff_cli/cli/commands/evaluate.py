@@ -10,7 +10,8 @@ import typer
 from crdiff_cli import defaults
 from crdiff_cli.cli.shared import (CONTROLNET_OPTION, CONTROL_IMAGE_OPTION, CONTROL_SCALE_OPTION, INIT_IMAGE_OPTION,
                                    LORA_OPTION, MASK_IMAGE_OPTION, MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP,
-                                   STRENGTH_OPTION, command, err, out, start_ranks, warn)
+                                   SCHEDULER_HELP, STRENGTH_OPTION, command, err, out, plural, start_ranks,
+                                   warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -24,11 +25,10 @@ def evaluate(
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A text file (one prompt per line), an "
                                                 "MS-COCO captions JSON (sampled as --coco-sample says) or a prompt "
                                                 "set saved by --save-prompt-set."),
-    coco_sample: Optional[str] = typer.Option(None, "--coco-sample", metavar="paper|first", help="How prompts are "
-                                              "taken from a COCO captions JSON: paper (default: the authors' seeded "
-                                              "sample of 5,000 images, a random caption each; images missing from "
-                                              "--reference-images are skipped, and the sampled images are FID's "
-                                              "reference set) or first (the first images by id, one caption each)."),
+    coco_sample: Optional[str] = typer.Option(None, "--coco-sample", metavar="paper|first", help="COCO captions JSON: "
+                                              "paper (default; the authors' seeded 5,000-image sample, a random "
+                                              "caption each, skipping images missing from --reference-images) or "
+                                              "first (first images by id, one caption each)."),
     save_prompt_set: Optional[Path] = typer.Option(None, "--save-prompt-set", metavar="FILE.json", help="Write the "
                                                    "COCO prompt set (name, image id, caption, image file of every "
                                                    "prompt) to FILE.json, then run; pass it back as --prompts to "
@@ -59,11 +59,9 @@ def evaluate(
     init_image: Optional[Path] = INIT_IMAGE_OPTION,
     strength: Optional[float] = STRENGTH_OPTION,
     mask_image: Optional[Path] = MASK_IMAGE_OPTION,
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim, pndm, euler, euler-a, dpm++, lms, heun "
-                                            "or unipc (default: the model's own)."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Images per pipeline call and metric batch on a GPU. "
-                                   "On CPU images are computed one by one whatever B is, so they are bit for bit "
-                                   "what `crdiff generate` writes; there B only sets how often results are saved."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help=SCHEDULER_HELP),
+    batch_size: int = typer.Option(1, "--batch-size", help="Images per pipeline call and metric batch on a GPU "
+                                   "(on CPU, one by one whatever B is: bit for bit `crdiff generate`'s)."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out: skip what scores.jsonl records."),
@@ -75,12 +73,8 @@ def evaluate(
     results.json (means with 95% bootstrap intervals), OUT/paired.csv (CR-Diff vs pruned and vs dense:
     paired difference, win rate, p-value) and OUT/report.html.
 
-    Many GPUs: torchrun --nproc-per-node N -m crdiff_cli evaluate ... (same flags, --device cuda) deals the
-    batches out to the ranks, one per rank per round; rank 0 writes every image (byte for byte the files of
-    one process), scores.jsonl and the results. Several machines: torchrun --nnodes M --nproc-per-node N
-    --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID. N ranks make close to N times the images per
-    hour when there are many more batches than ranks; --resume works with any number of ranks
-    (docs/distributed.md).
+    Many GPUs or machines: torchrun --nproc-per-node N -m crdiff_cli evaluate ... (same files as one
+    process; --resume works with any number of ranks; docs/distributed.md).
     """
     from crdiff_cli.pipelines.conditioning import ImageInputs
     from crdiff_cli.evaluation.metrics import parse_metrics
@@ -145,19 +139,28 @@ def evaluate(
                         reference_images=reference_images, k=k, ratios=ratios, profile=profile, dtype=dtype,
                         device=device, out_dir=out_dir, resume=resume, overwrite=overwrite, warn=warn, ranks=ranks,
                         loras=loras, inputs=inputs, reference_files=source.reference_files, fid_resize=resize)
-    with _progress() as bars:
+    from crdiff_cli.storage.atomic import write_errors
+
+    resume_hint = f"every finished batch is in {out_dir / SCORES}: add --resume to continue"
+    with _progress() as bars, write_errors(out_dir):  # a disk filling up mid-run: one line, finished batches kept
         todo = session.pending(items, batch_size)
-        images = bars.add_task("images", total=len(items), completed=len(items) - sum(len(b) for b in todo))
+        made = sum(len(b) for b in todo)
+        images = bars.add_task("images", total=len(items), completed=len(items) - made)
         try:
             session.run(todo, on_batch=lambda n: bars.advance(images, n))
         except RankFailure as exc:
-            raise RankFailure(f"{exc}; every finished batch is in {out_dir / SCORES}: add --resume to continue") from None
+            raise RankFailure(f"{exc}; {resume_hint}") from None
+        except KeyboardInterrupt:
+            err.print(f"interrupted; {resume_hint}")
+            raise typer.Exit(130) from None
     if not ranks.is_main:
         return
-    with err.status("computing results"):
+    with err.status("computing results"), write_errors(out_dir):
         results = finish(session, items, variant_list, resolutions)
     out.print(results_table(results.rows, specs, variant_list, [str(r) for r in resolutions]))
-    out.print(f"wrote {len(items)} images, scores.jsonl, results.csv/json, paired.csv and report.html to {out_dir}")
+    done = f"{plural(made, 'new image')} ({len(items) - made:,} already made)" if made < len(items) else \
+        plural(made, "image")
+    out.print(f"wrote {done}, scores.jsonl, results.csv/json, paired.csv and report.html to {out_dir}")
 
 
 def _prepare_outputs(out_dir: Path, identity: dict, source, save_prompt_set: Path | None, *, resume: bool,
