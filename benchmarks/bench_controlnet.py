@@ -44,9 +44,9 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from crdiff_cli.dual.unet import DualUNet
-from crdiff_cli.runtime.malloc_tuning import reuse_large_blocks
 from crdiff_cli.pruning.profile_table import get_profile
 from crdiff_cli.pruning.spec import PruneSpec
+from crdiff_cli.runtime.malloc_tuning import reuse_large_blocks
 
 SD15_CONFIG = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
                    block_out_channels=(320, 640, 1280, 1280))  # the rest are diffusers' defaults (SD1.5's)

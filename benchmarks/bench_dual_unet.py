@@ -50,11 +50,10 @@ from diffusers import UNet2DConditionModel
 
 from crdiff_cli.dual.options import MASK_MODES
 from crdiff_cli.dual.unet import DualUNet, resident_bytes
-from crdiff_cli.runtime.malloc_tuning import reuse_large_blocks
-from crdiff_cli.pruning.spec import pruned_weight
 from crdiff_cli.pruning.profile_table import get_profile
-from crdiff_cli.pruning.spec import PruneSpec
+from crdiff_cli.pruning.spec import PruneSpec, pruned_weight
 from crdiff_cli.pruning.targets import target_weights
+from crdiff_cli.runtime.malloc_tuning import reuse_large_blocks
 
 SD15_CONFIG = dict(  # diffusers' UNet2DConditionModel defaults are SD1.5's, except these
     sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,

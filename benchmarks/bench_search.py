@@ -84,8 +84,8 @@ def build_scorer(workdir: Path) -> Path:
         import torch
         from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
-        from crdiff_cli.scorers.clip import _image_processor_class
         from crdiff_cli.pipelines.tiny import clip_tokenizer
+        from crdiff_cli.scorers.clip import _image_processor_class
 
         torch.manual_seed(1)
         tok = clip_tokenizer()
@@ -106,11 +106,11 @@ def ours(args) -> dict:
     """One process: load once, then a search of ``evals`` evaluations through crdiff_cli.search.runner."""
     import torch
 
-    from crdiff_cli.search.annealing import AnnealConfig
     from crdiff_cli.pipelines.generation import GenerationSettings
     from crdiff_cli.pipelines.loading import load_model
     from crdiff_cli.pruning.resolution import Resolution
     from crdiff_cli.scorers import load_scorer
+    from crdiff_cli.search.annealing import AnnealConfig
     from crdiff_cli.search.runner import SearchPlan, search
 
     t0 = time.perf_counter()
@@ -141,9 +141,9 @@ def schedule(loaded, seed: int) -> list[tuple[float, float]]:
     windows miss most; this replays a whole default annealing run on the same UNet with a synthetic
     energy (a bowl around Table 6's sd15@512x512 ratios) to get the cost over a complete search.
     """
-    from crdiff_cli.search.annealing import AnnealConfig, anneal
     from crdiff_cli.dual.apply import apply_crdiff
     from crdiff_cli.pruning.ratios import Ratios
+    from crdiff_cli.search.annealing import AnnealConfig, anneal
     from crdiff_cli.search.thresholds import search_stats
 
     stats = search_stats(loaded.unet)
@@ -172,8 +172,8 @@ def reference_eval(args) -> dict:
     from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
     from crdiff_cli.pruning.ratios import Ratios
     from crdiff_cli.pruning.resolution import Resolution
-    from crdiff_cli.scorers import load_scorer
     from crdiff_cli.pruning.targets import target_weights
+    from crdiff_cli.scorers import load_scorer
 
     t1 = time.perf_counter()
     dense = DiffusionPipeline.from_pretrained(args.pipe)

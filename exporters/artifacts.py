@@ -118,8 +118,8 @@ def attach_artifact(loaded, path: Path, meta: ArtifactMetadata, *, k: float | No
         loaded.pipe.unet = OnnxUNet(session, meta, loaded.unet.dtype)
         return None, {**info, "k": meta.k, "ratios": str(meta.spec.ratios), "thresholds": meta.spec.thresholds(),
                       "provider": session.get_providers()[0], "ort_fold_masks": fold_masks}
-    from crdiff_cli.exporters.safetensors_artifact import load_safetensors_unet
     from crdiff_cli.dual.apply import apply_crdiff
+    from crdiff_cli.exporters.safetensors_artifact import load_safetensors_unet
     from crdiff_cli.pruning.spec import PruneSpec
 
     unet, meta = load_safetensors_unet(path)

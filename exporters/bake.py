@@ -15,16 +15,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from crdiff_cli.storage.atomic import share, staging
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.exporters.artifacts import check_outputs, format_of, output_files
 from crdiff_cli.exporters.metadata import ArtifactMetadata
 from crdiff_cli.exporters.onnx_artifact import DEFAULT_OPSET
 from crdiff_cli.exporters.validate import (TOLERANCES, VerificationError, VerificationReport, unet_call,
                                            validate_model_outputs, verification_cases)
-from crdiff_cli.pruning.spec import PruneSpec
 from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.pruning.spec import PruneSpec
 from crdiff_cli.pruning.targets import require_plain
+from crdiff_cli.storage.atomic import share, staging
 
 
 @dataclass

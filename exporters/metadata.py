@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from crdiff_cli import __version__
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.pruning.spec import GroupSpec, PruneSpec
 from crdiff_cli.pruning.ratios import GROUPS, Ratios
 from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.pruning.spec import GroupSpec, PruneSpec
 
 FORMAT = "crdiff-dual-unet"
 FORMAT_VERSION = 1

@@ -24,9 +24,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from crdiff_cli.errors import CrdiffError
+from crdiff_cli.errors import CrdiffError, first_line
 from crdiff_cli.exporters.metadata import ArtifactError, ArtifactMetadata
-from crdiff_cli.errors import first_line
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention needs 14
@@ -57,8 +56,8 @@ def export_onnx(unet, meta: ArtifactMetadata, path: Path, *, opset: int = DEFAUL
     import onnx
     import torch
 
-    from crdiff_cli.exporters.onnx_graph import (OUTPUT, dual_graph, dynamic_axes, example_inputs, input_names,
-                                                 is_sdxl, trace_shape)
+    from crdiff_cli.exporters.onnx_graph import (OUTPUT, dual_graph, dynamic_axes, example_inputs, input_names, is_sdxl,
+                                                 trace_shape)
 
     check_opset(opset)
     sdxl = is_sdxl(unet.config)

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from crdiff_cli.errors import CrdiffError
+from crdiff_cli.errors import CrdiffError, first_line
 from crdiff_cli.exporters.metadata import ArtifactError, ArtifactMetadata
-from crdiff_cli.errors import first_line
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from crdiff_cli.exporters.metadata import ArtifactError, ArtifactMetadata, weights_sha256
 from crdiff_cli.errors import first_line
+from crdiff_cli.exporters.metadata import ArtifactError, ArtifactMetadata, weights_sha256
 
 
 def save_safetensors(unet, meta: ArtifactMetadata, path: Path) -> None:

@@ -68,3 +68,26 @@ def tiny_readonly(tiny_dirs):
     from crdiff_cli.pipelines.loading import load_model
 
     return {name: load_model(name) for name in TINY_NAMES}
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """torch-fidelity's FID Inception with seeded random weights, saved where ``fid:PATH`` reads it."""
+    from unittest import mock
+
+    import torch
+
+    from crdiff_cli.evaluation.fid import fid_class
+
+    fid_class()  # makes torch_fidelity importable
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
+                mock.patch("torch.load", return_value={}):
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="x")
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 
 from typer.testing import CliRunner
@@ -23,3 +24,17 @@ def ok(result):
 def run(*cmd, **kwargs) -> subprocess.CompletedProcess:
     """Run a process to completion, its output captured as text (10 minutes at most)."""
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def disk_full_on_second_write(monkeypatch, module) -> None:
+    """Make ``module.write_file`` fail as a full disk does (ENOSPC) on its second call, the first written."""
+    real, calls = module.write_file, []
+
+    def write_file(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(module, "write_file", write_file)
+

@@ -28,9 +28,9 @@ from crdiff_cli.exporters.onnx_runtime import OnnxUNet, open_session, run_sessio
 from crdiff_cli.exporters.safetensors_artifact import load_safetensors_unet
 from crdiff_cli.exporters.validate import (ShapeMismatchError, ToleranceExceededError, VerificationError, unet_call,
                                            validate_model_outputs, verification_cases)
-from crdiff_cli.pruning.spec import PruneSpec
 from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.pruning.spec import PruneSpec
 from crdiff_cli.pruning.targets import target_weights
 
 RATIOS = Ratios(0.3, 0.2, 0.25)

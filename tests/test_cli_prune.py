@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from crdiff_cli.storage.atomic import OutputKind
 from crdiff_cli.pruning.profile_table import get_profile
-from crdiff_cli.pruning.spec import PruneSpec, prune_
 from crdiff_cli.pruning.ratios import Ratios
+from crdiff_cli.pruning.spec import PruneSpec, prune_
+from crdiff_cli.storage.atomic import OutputKind
 from helpers import invoke, run
 
 UNET_FILES = {"config.json", "diffusion_pytorch_model.safetensors"}
@@ -201,8 +201,8 @@ def test_atomic_path_replaces_an_old_output(tmp_path, old_kind, directory):
 
 @pytest.mark.parametrize("old_kind", ["symlink-to-folder", "file-for-a-folder"])
 def test_atomic_path_refuses_another_shape(tmp_path, old_kind):
-    from crdiff_cli.storage.atomic import atomic_path
     from crdiff_cli.errors import CrdiffError
+    from crdiff_cli.storage.atomic import atomic_path
 
     target, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -320,24 +320,6 @@ def test_evaluate_uses_the_paper_samplers_first_prompts(tmp_path, tiny_dirs, cap
 # --- FID preprocessing ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory) -> Path:
-    """torch-fidelity's FID Inception with seeded random weights (as tests/test_eval_metrics.py builds it)."""
-    from crdiff_cli.evaluation.fid import fid_class
-
-    fid_class()  # makes torch_fidelity importable
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
-                mock.patch("torch.load", return_value={}):
-            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="x")
-    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def hand_resized(paths: list[Path], resize: int | None) -> list[np.ndarray]:
     """The files as the paper's evaluation prepares them, by hand: PIL bicubic to resize x resize (aspect
     ratio not kept), then RGB; ``None``: as they are."""

@@ -16,16 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from crdiff_cli.pipelines.conditioning import ImageInputs, check_controlnet_fits
+from crdiff_cli.dual.apply import apply_crdiff
 from crdiff_cli.dual.unet import DualUNet
 from crdiff_cli.errors import CrdiffError
+from crdiff_cli.pipelines.conditioning import ImageInputs, check_controlnet_fits
 from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
-from crdiff_cli.dual.apply import apply_crdiff
-from crdiff_cli.pipelines.schedulers import set_scheduler
 from crdiff_cli.pipelines.loading import load_model
-from crdiff_cli.pruning.spec import PruneSpec, prune_
+from crdiff_cli.pipelines.schedulers import set_scheduler
 from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.pruning.spec import PruneSpec, prune_
 from helpers import invoke, ok
 
 RATIOS = "0.3/0.25/0.35"

@@ -17,16 +17,15 @@ from torch import nn
 from typer.testing import CliRunner
 
 from crdiff_cli.cli import app
+from crdiff_cli.dual.apply import apply_crdiff
 from crdiff_cli.dual.unet import DualUNet, attached_dual, resident_bytes
-from crdiff_cli.pruning.spec import pruned_weight
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
-from crdiff_cli.dual.apply import apply_crdiff
-from crdiff_cli.pipelines.schedulers import set_scheduler
 from crdiff_cli.pipelines.loading import load_model
-from crdiff_cli.pruning.spec import PruneSpec, prune_
+from crdiff_cli.pipelines.schedulers import set_scheduler
 from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.pruning.spec import PruneSpec, prune_, pruned_weight
 from crdiff_cli.pruning.targets import target_weights
 
 TINY = ("tiny", "tiny-sdxl")

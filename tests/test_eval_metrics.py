@@ -4,7 +4,6 @@ the aesthetic predictors (LAION v2 and v2.5 heads on tiny backbones), CLIP as a 
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -33,24 +32,6 @@ def test_frechet_distance_matches_scipy_on_gaussians():
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-9)
     # two isotropic Gaussians: |mu1 - mu2|^2 + d (sigma1 - sigma2)^2
     assert frechet_distance(np.zeros(4), 4 * np.eye(4), np.ones(4), np.eye(4)) == pytest.approx(4 + 4 * (2 - 1) ** 2)
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory) -> Path:
-    """torch-fidelity's FID Inception with seeded random weights, saved where fid:PATH reads it."""
-    from crdiff_cli.evaluation.fid import fid_class
-
-    fid_class()  # makes torch_fidelity importable
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
-                mock.patch("torch.load", return_value={}):
-            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="x")
-    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
-    torch.save(net.state_dict(), path)
-    return path
 
 
 def _images(folder: Path, seed: int, n: int, size=(40, 32)) -> list[Path]:

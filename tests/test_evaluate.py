@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from crdiff_cli.cli import app
 from crdiff_cli.evaluation.protocol import WorkItem, batches, model_calls, read_prompt_source, work_items
 from crdiff_cli.pruning.resolution import Resolution
-from helpers import ok
+from helpers import disk_full_on_second_write, ok
 
 PROMPTS = ["a red fox", "a blue boat on a lake", "a green apple", "a yellow bird"]
 COMMON = ["--steps", "2", "--metrics", "tiny"]
@@ -235,22 +235,13 @@ def test_resume_refuses_other_settings_and_existing_run(tmp_path, tiny_dirs):
 
 
 def test_disk_filling_up_is_one_line_and_resume_finishes(tmp_path, tiny_dirs, monkeypatch):
-    import errno
-
     import crdiff_cli.pipelines.images as images
 
-    real, calls = images.write_file, []
-
-    def write_file(path, data):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
-
+    real = images.write_file
     out = tmp_path / "ev"
     base = ["--model", "tiny", "--res", "32x32", "--prompts", str(prompts_file(tmp_path, PROMPTS[:2])), "--variants",
             "dense", "--out", str(out), *COMMON]
-    monkeypatch.setattr(images, "write_file", write_file)
+    disk_full_on_second_write(monkeypatch, images)
     result = invoke(*base)
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -13,8 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from crdiff_cli.errors import CrdiffError
 
@@ -171,9 +170,9 @@ def test_journal_lines(lines, trailing_newline, resume):
 
 def _valid_table() -> dict[str, str]:
     from crdiff_cli.exporters.metadata import ArtifactMetadata
-    from crdiff_cli.pruning.spec import GroupSpec, PruneSpec
     from crdiff_cli.pruning.ratios import Ratios
     from crdiff_cli.pruning.resolution import Resolution
+    from crdiff_cli.pruning.spec import GroupSpec, PruneSpec
 
     ratios = Ratios(0.1, 0.2, 0.3)
     groups = {g: GroupSpec(r, 2, 100, 0.0625 * (i + 1), 10 * (i + 1)) for i, (g, r) in enumerate(ratios.as_dict().items())}

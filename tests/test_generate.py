@@ -11,16 +11,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from crdiff_cli.cli import app
-from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
 from crdiff_cli.dual.apply import apply_crdiff
-from crdiff_cli.pipelines.schedulers import denoising_calls, set_scheduler
-from crdiff_cli.pipelines.prompts import read_prompts
-from crdiff_cli.pipelines.to_folder import generate_to_folder
+from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
 from crdiff_cli.pipelines.images import save_png
 from crdiff_cli.pipelines.loading import load_model
+from crdiff_cli.pipelines.prompts import read_prompts
+from crdiff_cli.pipelines.schedulers import denoising_calls, set_scheduler
+from crdiff_cli.pipelines.to_folder import generate_to_folder
 from crdiff_cli.pruning.profile_table import nearest_profile
-from crdiff_cli.pruning.spec import PruneSpec
 from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.pruning.spec import PruneSpec
 
 RES = Resolution(64, 48)  # HEIGHTxWIDTH: PIL reports (48, 64)
 COMMON = ["--res", str(RES), "--steps", "2", "--negative-prompt", "blurry"]

@@ -17,15 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
+from crdiff_cli.dual.apply import apply_crdiff
 from crdiff_cli.dual.unet import DualUNet
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
-from crdiff_cli.dual.apply import apply_crdiff
-from crdiff_cli.pipelines.lora import parse_lora
 from crdiff_cli.pipelines.loading import load_model
-from crdiff_cli.pruning.spec import PruneSpec
+from crdiff_cli.pipelines.lora import parse_lora
 from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.pruning.spec import PruneSpec
 from crdiff_cli.pruning.targets import target_weights
 from helpers import invoke, ok
 

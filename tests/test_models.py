@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pipelines.loading import PRUNE_RECORD, load_model
-from crdiff_cli.pruning.family import FAMILIES, detect_family
-from crdiff_cli.pruning.spec import PruneSpec, prune_
-from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pipelines.tiny import TINY_MODELS, build_tiny_pipeline, tiny_model_path
+from crdiff_cli.pruning.family import FAMILIES, detect_family
+from crdiff_cli.pruning.ratios import Ratios
+from crdiff_cli.pruning.spec import PruneSpec, prune_
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

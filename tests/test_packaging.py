@@ -17,6 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import pytest
+
 from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]

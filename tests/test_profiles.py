@@ -8,8 +8,8 @@ import math
 import pytest
 
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.pruning.profile_table import (FORMAT, Profile, RatioChoice, builtin_profiles, choose_ratios, get_profile,
-                                      nearest_profile)
+from crdiff_cli.pruning.profile_table import (FORMAT, Profile, RatioChoice, builtin_profiles, choose_ratios,
+                                              get_profile, nearest_profile)
 from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pruning.resolution import Resolution
 

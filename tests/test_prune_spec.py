@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.pruning.spec import GroupSpec, PruneSpec, PruneStats, check_matches, prune_, pruned_weight
 from crdiff_cli.pruning.ratios import Ratios
+from crdiff_cli.pruning.spec import GroupSpec, PruneSpec, PruneStats, check_matches, prune_, pruned_weight
 from crdiff_cli.pruning.targets import group_of, target_modules, target_weights
 
 PREFIXES = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import invoke
+from helpers import disk_full_on_second_write, invoke
 
 CRDIFF = Path(sys.executable).parent / "crdiff"
 PRUNE = ["prune", "--model", "tiny", "--ratios", "0.2/0.2/0.2", "--unet-only"]
@@ -203,15 +203,7 @@ def test_write_failures_of_any_writer_are_one_line(tiny_dirs, tmp_path, monkeypa
 def test_disk_filling_up_during_generate_is_one_line_and_keeps_finished_images(tiny_dirs, tmp_path, monkeypatch):
     import crdiff_cli.pipelines.to_folder as to_folder
 
-    real, calls = to_folder.write_file, []
-
-    def write_file(path, data):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, data)
-
-    monkeypatch.setattr(to_folder, "write_file", write_file)
+    disk_full_on_second_write(monkeypatch, to_folder)
     result = invoke(*GENERATE, "--num-images", "2", "--out", tmp_path / "images")
     assert result.exit_code == 2 and "Traceback" not in result.output  # stderr also holds the progress bars
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -309,8 +301,8 @@ def test_prune_overwrite_replaces_a_previous_prune(tiny_dirs, tmp_path):
 
 
 def test_bake_overwrite_refuses_a_safetensors_file_that_is_not_an_artifact(tmp_path, no_model_load):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     model = tmp_path / "model.safetensors"
     save_file({"w": torch.zeros(2)}, str(model))

@@ -13,16 +13,16 @@ import math
 
 import pytest
 import torch
+from reference_loop import reference_search
 
-from crdiff_cli.search.annealing import AnnealConfig
 from crdiff_cli.dual.unet import attached_dual
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pipelines.generation import GenerationSettings
-from crdiff_cli.storage.journal import FORMAT, check_journal, read_journal
 from crdiff_cli.pruning.profile_table import Profile
 from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.search.annealing import AnnealConfig
 from crdiff_cli.search.runner import SearchPlan, cache_key, k_search_config, search, search_settings
-from reference_loop import reference_search
+from crdiff_cli.storage.journal import FORMAT, check_journal, read_journal
 
 RES = Resolution(64, 64)
 PROMPTS = ("a red cube on a table", "a lighthouse at night")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crdiff_cli.pruning.spec import PruneStats
 from crdiff_cli.pruning.ratios import Ratios
-from crdiff_cli.search.thresholds import RankWindow, search_stats
 from crdiff_cli.pruning.selection import MagnitudeHistogram
+from crdiff_cli.pruning.spec import PruneStats
+from crdiff_cli.search.thresholds import RankWindow, search_stats
 
 
 def tensors(seed: int, dtype=torch.float32):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import typer
 
 from crdiff_cli import __version__
-from crdiff_cli.cli.shared import OneLineErrors, out
 from crdiff_cli.cli.commands import bake, evaluate, generate, prune, search
+from crdiff_cli.cli.shared import OneLineErrors, out
 
 # Plain click help (rich_markup_mode=None): two columns, flags without a value shown as bare flags, readable
 # at 80 columns; Typer's rich panels spend half the width on empty columns and show flags as `<bool>`.

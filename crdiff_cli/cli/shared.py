@@ -11,9 +11,9 @@ import inspect
 import sys
 
 import typer
-from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from crdiff_cli.errors import CrdiffError, ParameterError
 

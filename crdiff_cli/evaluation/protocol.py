@@ -248,8 +248,8 @@ def run(evaluation: Evaluation, todo: list[list[WorkItem]], journal, records: li
     with a ``journal`` — writes the images and records in batch order (``on_batch`` is called there).
     A failed rank raises :class:`crdiff_cli.runtime.distributed.RankFailure` once the finished rounds are journaled.
     """
-    from crdiff_cli.runtime.distributed import SINGLE
     from crdiff_cli.pipelines.images import write_file
+    from crdiff_cli.runtime.distributed import SINGLE
 
     done = {record_key(r) for r in records}
 
@@ -314,11 +314,11 @@ def start(*, model: str, identity: dict, settings: dict, prompts: list[str], spe
     FID's real images are ``reference_files`` when given (the ``paper`` COCO prompt set's own images), else the
     whole ``reference_images`` folder; ``fid_resize`` is FID's preprocessing (256: 256x256 bicubic; None: as is).
     """
-    from crdiff_cli.runtime.distributed import SINGLE
     from crdiff_cli.evaluation.metrics import load_metrics
-    from crdiff_cli.storage.journal import open_journal
     from crdiff_cli.pipelines.prepare import load_prepared
     from crdiff_cli.pruning.profile_table import choose_ratios
+    from crdiff_cli.runtime.distributed import SINGLE
+    from crdiff_cli.storage.journal import open_journal
 
     ranks = ranks or SINGLE
     loaded = load_prepared(model, dtype=dtype, device=ranks.device(device), loras=loras, inputs=inputs)

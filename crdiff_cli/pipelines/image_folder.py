@@ -8,13 +8,11 @@ else in it (a user's photo, notes) makes it someone else's folder, which crdiff 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import json
-
-from crdiff_cli.storage.atomic import OutputKind, clean_stale, is_staging, json_marker
 from crdiff_cli.pipelines.images import MANIFEST
-
+from crdiff_cli.storage.atomic import OutputKind, clean_stale, is_staging, json_marker
 
 
 def is_crdiff_png(path: Path) -> bool:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crdiff_cli.errors import CrdiffError, first_line
-from crdiff_cli.pruning.family import FAMILIES, detect_family
 from crdiff_cli.pipelines.tiny import TINY_MODELS, tiny_model_path
+from crdiff_cli.pruning.family import FAMILIES, detect_family
 
 PRUNE_RECORD = "crdiff_prune.json"  # written by `crdiff prune`; remembers the family of a pruned folder
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
-from crdiff_cli.storage.atomic import OutputKind, json_marker
 from crdiff_cli.errors import CrdiffError, ParameterError
 from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pruning.resolution import Resolution
+from crdiff_cli.storage.atomic import OutputKind, json_marker
 
 FORMAT = "crdiff-profile/1"
 PROFILE = OutputKind("profile", f'"format": "{FORMAT}"', lambda path: json_marker(path, "crdiff-profile/"))

@@ -30,8 +30,8 @@ import torch
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPVisionConfig
 
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.scorers import check_batch
 from crdiff_cli.pipelines.tiny import clip_text_config, clip_tokenizer
+from crdiff_cli.scorers import check_batch
 
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 CLIP_SCALE = 100.0

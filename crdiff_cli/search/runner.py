@@ -25,17 +25,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from crdiff_cli import defaults
-from crdiff_cli import __version__
-from crdiff_cli.search.annealing import AnnealConfig, AnnealState, EvalRecord, anneal
-from crdiff_cli.runtime.distributed import SINGLE, Ranks
+from crdiff_cli import __version__, defaults
+from crdiff_cli.dual.options import check_k
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
-from crdiff_cli.dual.options import check_k
 from crdiff_cli.pipelines.schedulers import set_scheduler
-from crdiff_cli.storage.journal import open_journal
 from crdiff_cli.pruning.profile_table import Profile
 from crdiff_cli.pruning.ratios import Ratios
+from crdiff_cli.runtime.distributed import SINGLE, Ranks
+from crdiff_cli.search.annealing import AnnealConfig, AnnealState, EvalRecord, anneal
+from crdiff_cli.storage.journal import open_journal
 
 REFERENCE_IMAGE_SEED = 24432
 REFERENCE_FAIL_SCORE = -2.0
@@ -358,9 +357,9 @@ def default_trace_path(profile: Path) -> Path:
 
 def save_result(result: SearchResult, profile_path: Path, trace_path: Path | None = None) -> Profile:
     """Write the result's profile (named after the file) and its trace PNG, each atomically, replacing old ones."""
-    from crdiff_cli.storage.atomic import atomic_path
     from crdiff_cli.pruning.profile_table import PROFILE
     from crdiff_cli.search.trace_plot import TRACE, save_trace
+    from crdiff_cli.storage.atomic import atomic_path
 
     profile_path = Path(profile_path)
     profile = result.profile(profile_path.stem)

@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from crdiff_cli.storage.atomic import OutputKind
 from crdiff_cli.pipelines.image_folder import is_crdiff_png
 from crdiff_cli.pipelines.images import label_font
+from crdiff_cli.storage.atomic import OutputKind
 
 WIDTH, HEIGHT = 900, 560
 LEFT, RIGHT, TOP, GAP, BOTTOM = 70, 20, 34, 44, 34

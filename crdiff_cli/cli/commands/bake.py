@@ -39,9 +39,9 @@ def bake(
     on the live PyTorch path. .onnx: one graph computing e_dense + k (e_pruned - e_dense), the pruned
     weights masked in-graph from the shared ones. Exit code 1 if verification fails, 2 for bad input.
     """
+    from crdiff_cli.dual.options import check_k
     from crdiff_cli.exporters.artifacts import check_outputs, format_of, require_onnx
     from crdiff_cli.exporters.onnx_artifact import check_opset
-    from crdiff_cli.dual.options import check_k
     from crdiff_cli.pipelines.lora import prepare_loras
     from crdiff_cli.pruning.profile_table import check_ratio_source
     from crdiff_cli.pruning.resolution import Resolution

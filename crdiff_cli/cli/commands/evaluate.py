@@ -8,10 +8,9 @@ from typing import List, Optional
 import typer
 
 from crdiff_cli import defaults
-from crdiff_cli.cli.shared import (CONTROLNET_OPTION, CONTROL_IMAGE_OPTION, CONTROL_SCALE_OPTION, INIT_IMAGE_OPTION,
+from crdiff_cli.cli.shared import (CONTROL_IMAGE_OPTION, CONTROL_SCALE_OPTION, CONTROLNET_OPTION, INIT_IMAGE_OPTION,
                                    LORA_OPTION, MASK_IMAGE_OPTION, MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP,
-                                   SCHEDULER_HELP, STRENGTH_OPTION, command, err, out, plural, start_ranks,
-                                   warn)
+                                   SCHEDULER_HELP, STRENGTH_OPTION, command, err, out, plural, start_ranks, warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -76,15 +75,15 @@ def evaluate(
     Many GPUs or machines: torchrun --nproc-per-node N -m crdiff_cli evaluate ... (same files as one
     process; --resume works with any number of ranks; docs/distributed.md).
     """
-    from crdiff_cli.pipelines.conditioning import ImageInputs
-    from crdiff_cli.evaluation.metrics import parse_metrics
-    from crdiff_cli.evaluation.fid import DEFAULT_FID_RESIZE, parse_fid_resize, resize_label
-    from crdiff_cli.evaluation.protocol import SCORES, parse_variants, prompt_source, prompts_hash, work_items
-    from crdiff_cli.pipelines.generation import GenerationSettings
     from crdiff_cli.dual.options import check_k
+    from crdiff_cli.evaluation.fid import DEFAULT_FID_RESIZE, parse_fid_resize, resize_label
+    from crdiff_cli.evaluation.metrics import parse_metrics
+    from crdiff_cli.evaluation.protocol import SCORES, parse_variants, prompt_source, prompts_hash, work_items
+    from crdiff_cli.pipelines.conditioning import ImageInputs
+    from crdiff_cli.pipelines.generation import GenerationSettings
     from crdiff_cli.pipelines.loading import torch_dtype
-    from crdiff_cli.pruning.profile_table import check_ratio_source
     from crdiff_cli.pipelines.lora import prepare_loras
+    from crdiff_cli.pruning.profile_table import check_ratio_source
     from crdiff_cli.pruning.resolution import Resolution
     from crdiff_cli.validation import check_device, check_prompt
 
@@ -131,8 +130,8 @@ def evaluate(
         warn(k_warning)
     items = work_items(resolutions, variant_list, len(prompts), seeds)
 
-    from crdiff_cli.runtime.distributed import RankFailure
     from crdiff_cli.evaluation.protocol import finish, start
+    from crdiff_cli.runtime.distributed import RankFailure
 
     with err.status(f"loading {model} and the metric models"):
         session = start(model=model, identity=identity, settings=settings, prompts=prompts, specs=specs,

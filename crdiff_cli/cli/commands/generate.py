@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from crdiff_cli import defaults
-from crdiff_cli.cli.shared import (CONTROLNET_OPTION, CONTROL_IMAGE_OPTION, CONTROL_SCALE_OPTION, GUIDANCE_HELP,
-                                   INIT_IMAGE_OPTION, LORA_OPTION, MASKS_HELP, MASK_IMAGE_OPTION, MODEL_HELP,
+from crdiff_cli.cli.shared import (CONTROL_IMAGE_OPTION, CONTROL_SCALE_OPTION, CONTROLNET_OPTION, GUIDANCE_HELP,
+                                   INIT_IMAGE_OPTION, LORA_OPTION, MASK_IMAGE_OPTION, MASKS_HELP, MODEL_HELP,
                                    PROFILE_HELP, RATIOS_HELP, RES_HELP, SCHEDULER_HELP, STRENGTH_OPTION, command, err,
                                    out, plural, start_ranks, warn)
 from crdiff_cli.errors import CrdiffError
@@ -66,18 +66,17 @@ def generate(
     --init-image and --mask-image use diffusers' matching pipeline around the same dual UNet.
     Many GPUs: torchrun --nproc-per-node N -m crdiff_cli generate ... (docs/distributed.md).
     """
-    from crdiff_cli.storage.atomic import check_output
+    from crdiff_cli.dual.options import MASK_MODES, check_k
     from crdiff_cli.pipelines.conditioning import ImageInputs
-    from crdiff_cli.dual.options import MASK_MODES
     from crdiff_cli.pipelines.generation import GenerationSettings
-    from crdiff_cli.dual.options import check_k
-    from crdiff_cli.pipelines.prompts import read_prompts
     from crdiff_cli.pipelines.image_folder import IMAGES
-    from crdiff_cli.pipelines.lora import prepare_loras
     from crdiff_cli.pipelines.loading import torch_dtype
+    from crdiff_cli.pipelines.lora import prepare_loras
+    from crdiff_cli.pipelines.prompts import read_prompts
     from crdiff_cli.pruning.profile_table import check_ratio_source, get_profile
     from crdiff_cli.pruning.ratios import Ratios
     from crdiff_cli.pruning.resolution import Resolution
+    from crdiff_cli.storage.atomic import check_output
     from crdiff_cli.validation import check_device, check_prompt
 
     meta = _artifact_metadata(artifact, res, provider, ort_fold_masks)
@@ -116,9 +115,9 @@ def generate(
 
     from crdiff_cli.dual.apply import apply_crdiff
     from crdiff_cli.pipelines.images import crdiff_info
-    from crdiff_cli.pipelines.to_folder import generate_to_folder
-    from crdiff_cli.pipelines.schedulers import set_scheduler
     from crdiff_cli.pipelines.prepare import choose_spec, load_prepared
+    from crdiff_cli.pipelines.schedulers import set_scheduler
+    from crdiff_cli.pipelines.to_folder import generate_to_folder
 
     ranks = start_ranks(device)
     with err.status(f"loading {model}"):

@@ -32,13 +32,13 @@ def prune(
     With --lora, the LoRA-fused weights are pruned (and the folder holds the fused text encoders too).
     Writes OUT as a diffusers pipeline folder (or just the UNet with --unet-only) and OUT/crdiff_prune.json.
     """
-    from crdiff_cli.storage.atomic import check_output
+    from crdiff_cli.cli.render import spec_table
     from crdiff_cli.pipelines.loading import torch_dtype
     from crdiff_cli.pipelines.lora import prepare_loras
-    from crdiff_cli.pruning.profile_table import check_ratio_source
     from crdiff_cli.pipelines.pruned_folder import PRUNED
-    from crdiff_cli.cli.render import spec_table
+    from crdiff_cli.pruning.profile_table import check_ratio_source
     from crdiff_cli.pruning.resolution import Resolution
+    from crdiff_cli.storage.atomic import check_output
 
     resolution = Resolution.parse(res) if res is not None else None
     check_ratio_source(ratios=ratios, profile=profile, resolution=resolution)
@@ -63,8 +63,8 @@ def prune(
 @command
 def profiles_cmd(family: Optional[str] = typer.Option(None, "--family", help="Only this family: sd15, sd21 or sdxl.")):
     """List the built-in ratio profiles (the paper's Table 6), resolutions HEIGHTxWIDTH."""
-    from crdiff_cli.pruning.profile_table import builtin_profiles
     from crdiff_cli.cli.render import profiles_table
+    from crdiff_cli.pruning.profile_table import builtin_profiles
 
     rows = [p for p in builtin_profiles() if family is None or p.family == family]
     if not rows:

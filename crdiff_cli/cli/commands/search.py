@@ -116,20 +116,19 @@ def search(
     Many GPUs: torchrun --nproc-per-node N -m crdiff_cli search ... splits each candidate's images across
     the ranks; the result is the single-process one (docs/distributed.md).
     """
-    from crdiff_cli.search.annealing import AnnealConfig
-    from crdiff_cli.storage.atomic import check_output
-    from crdiff_cli.dual.options import MASK_MODES
+    from crdiff_cli.dual.options import MASK_MODES, check_k
     from crdiff_cli.pipelines.generation import GenerationSettings
-    from crdiff_cli.dual.options import check_k
-    from crdiff_cli.pipelines.prompts import read_prompts
-    from crdiff_cli.storage.journal import check_journal, default_journal_path
-    from crdiff_cli.pipelines.lora import prepare_loras
     from crdiff_cli.pipelines.loading import torch_dtype
+    from crdiff_cli.pipelines.lora import prepare_loras
+    from crdiff_cli.pipelines.prompts import read_prompts
     from crdiff_cli.pruning.profile_table import PROFILE
     from crdiff_cli.pruning.resolution import Resolution
     from crdiff_cli.scorers import known_scorers
+    from crdiff_cli.search.annealing import AnnealConfig
     from crdiff_cli.search.runner import DEFAULT_K_START, SearchPlan, default_trace_path, k_search_config
     from crdiff_cli.search.trace_plot import TRACE
+    from crdiff_cli.storage.atomic import check_output
+    from crdiff_cli.storage.journal import check_journal, default_journal_path
     from crdiff_cli.validation import check_device, check_prompt
 
     resolution = Resolution.parse(res)
@@ -197,12 +196,12 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
     """
     from dataclasses import replace
 
-    from crdiff_cli.runtime.distributed import RankFailure
-    from crdiff_cli.storage.journal import check_journal
+    from crdiff_cli.cli.search_view import SearchView
     from crdiff_cli.pipelines.prepare import load_prepared
+    from crdiff_cli.runtime.distributed import RankFailure
     from crdiff_cli.scorers import load_scorer
     from crdiff_cli.search.runner import save_result, search
-    from crdiff_cli.cli.search_view import SearchView
+    from crdiff_cli.storage.journal import check_journal
 
     with err.status(f"loading scorer {scorer_spec}"):
         scorer = load_scorer(scorer_spec, device=ranks.device(device))
