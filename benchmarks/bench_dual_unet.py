@@ -114,7 +114,7 @@ def measure_time(unet, plain, spec, inputs, repeats: int) -> tuple[dict[str, lis
     DualUNet stays attached, as in real use (built once, called every step), is warmed up once, and
     each round times back to back ``plain`` (an identical UNet with nothing attached, so the
     comparison with the dense pass is made under the same load), the dense pass alone (the UNet called
-    directly: its parametrizations pass the dense weights through), the dual step at k = 1.5, and the
+    directly: outside the pruned pass it is the plain module), the dual step at k = 1.5, and the
     pruned pass alone (k = 1).
     """
     times: dict[str, list[tuple[float, float]]] = {}

@@ -1,6 +1,7 @@
 """Benchmark: `crdiff generate` as users run it, whole process, on the real SD1.5 UNet architecture.
 
-The whole-process targets: per denoising step, CR-Diff (k = 1.5, default mask mode) costs <= 2.05x ``--dense``
+The whole-process targets: peak RSS of any CR-Diff variant <= 1.25x ``--dense``'s, and per denoising step,
+CR-Diff (k = 1.5, default mask mode) costs <= 2.05x ``--dense``
 (two UNet passes are the floor) and ``--k 0 --ratios ...`` (the dual UNet built, only its dense pass
 run) <= 1.05x ``--dense``, at 8x8 and 32x32 latents (64x64 and 256x256 images) with 1 and 2 threads.
 
@@ -65,6 +66,7 @@ VARIANTS = {
     "crdiff-on-the-fly": ["--ratios", RATIOS, "--masks", "on-the-fly"],
 }
 TARGETS = {"k0": 1.05, "crdiff": 2.05, "k0-on-the-fly": 1.05, "crdiff-on-the-fly": 2.05}
+RSS_TARGET = 1.25  # peak RSS of a CR-Diff process (default copy masks) vs a --dense one
 # GLIBC_TUNABLES set to glibc's own default makes crdiff leave malloc alone (crdiff_cli.runtime.malloc_tuning):
 # the process then allocates as it did before crdiff tuned it.
 GLIBC_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"}
@@ -152,6 +154,10 @@ def report(latent: int, threads: int, results: dict[str, list[dict]], repeats: i
         if target:
             text = f"{latent}x{latent}, {threads} thread(s): {name} {cpu:.2f}x CPU (wall {wall:.2f}x) <= {target}x"
             checks.append((text, cpu <= target))
+        if name != "dense":
+            rss = max(r["rss"] for r in runs) / max(d["rss"] for d in dense)
+            checks.append((f"{latent}x{latent}, {threads} thread(s): {name} peak RSS {rss:.3f}x --dense's "
+                           f"<= {RSS_TARGET}x", rss <= RSS_TARGET))
     return checks
 
 
