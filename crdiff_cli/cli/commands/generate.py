@@ -32,7 +32,7 @@ def generate(
                                           "for the model family at --res (nearest resolution, with a warning)."),
     dense: bool = typer.Option(False, "--dense", help="Run the unmodified model (no pruning, no POA)."),
     compare: bool = typer.Option(False, "--compare", help="Also generate the dense image; write a labelled "
-                                 "dense | CR-Diff grid per prompt (compare_<i>.png)."),
+                                 "dense | CR-Diff | difference grid per prompt (compare_<i>.png)."),
     seed: int = typer.Option(0, "--seed", help="First seed; image j of a prompt uses seed + j."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt."),
     steps: int = typer.Option(defaults.STEPS, "--steps", help="Denoising steps."),
