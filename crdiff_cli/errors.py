@@ -43,6 +43,9 @@ class ParameterError(CrdiffError):
         self.param, self.value, self.problem, self.mentions = param, value, problem, mentions
         super().__init__(self.named(lambda name: name, library=True))
 
+    def __reduce__(self):  # picklable (ranks send errors to each other), with its parts
+        return (_parameter_error, (self.param, self.value, self.problem, self.mentions))
+
     def named(self, name_of: Callable[[str], str], *, library: bool = False) -> str:
         """The message with every parameter name passed through ``name_of`` (e.g. to its ``--flag``)."""
         problem = self.problem
@@ -51,3 +54,8 @@ class ParameterError(CrdiffError):
         if self.value is None:
             return f"{name_of(self.param)} {problem}"
         return f"{name_of(self.param)}{'=' if library else ' '}{self.value} {problem}"
+
+
+def _parameter_error(param, value, problem, mentions) -> ParameterError:
+    return ParameterError(param, value, problem, mentions=mentions)
+

@@ -191,3 +191,90 @@ def test_library_errors_name_parameters_not_flags(load_tiny):
     with pytest.raises(ParameterError, match="has no UNet"):
         apply_crdiff(object(), RATIOS)
     assert attached_dual(loaded.unet) is None  # refused before anything changed
+
+
+def test_a_saved_crdiff_pipeline_loads_as_its_dense_model_in_crdiff(load_tiny, tmp_path):
+    """What crdiff applies is what the caller asks for, never a setting hidden in the folder."""
+    from crdiff_cli import load_model
+
+    loaded = load_tiny("tiny")
+    dense = image(loaded.pipe)
+    apply_crdiff(loaded.pipe, RATIOS, k=1.3)
+    loaded.pipe.save_pretrained(tmp_path / "saved")
+    again = load_model(str(tmp_path / "saved"))
+    assert not isinstance(again.pipe.unet, DualUNet) and attached_dual(again.pipe.unet) is None
+    assert np.array_equal(image(again.pipe), dense)
+
+
+def test_a_refused_reapply_keeps_the_previous_settings(load_tiny):
+    loaded = load_tiny("tiny")
+    first = apply_crdiff(loaded.pipe, RATIOS, k=1.5)
+    before = unet_output(loaded.pipe.unet)
+    with pytest.raises(CrdiffError, match="ratio"):
+        apply_crdiff(loaded.pipe, "0.3/0.3/1.5")
+    assert loaded.pipe.unet is first and attached_dual(first.unet) is first
+    assert torch.equal(unet_output(loaded.pipe.unet), before)
+
+
+def test_a_write_through_data_is_noticed_by_set_spec(load_tiny):
+    """PEFT fuses a LoRA with ``weight.data += delta``: no new tensor, no version bump; set_spec still re-masks."""
+    loaded, oracle = load_tiny("tiny"), load_tiny("tiny")
+    dual = apply_crdiff(loaded.pipe, RATIOS, k=1.5, masks="copy")
+    unet_output(dual)
+    for unet in (dual.unet, oracle.unet):
+        for _, weight in target_weights(unet)["mid"]:
+            weight.data += 0.01 * torch.ones_like(weight)
+    spec = PruneSpec.from_unet(oracle.unet, Ratios.parse(RATIOS))
+    dual.set_spec(spec)
+    assert torch.equal(unet_output(dual), unet_output(apply_crdiff(oracle.pipe, spec, k=1.5, masks="copy")))
+
+
+def test_a_released_dual_unet_refuses_to_run(load_tiny):
+    loaded = load_tiny("tiny")
+    dual = apply_crdiff(loaded.pipe, RATIOS)
+    remove_crdiff(loaded.pipe)
+    with pytest.raises(CrdiffError, match="was released"):
+        unet_output(dual)
+
+
+@pytest.mark.parametrize("masks", ["copy", "on-the-fly"])
+def test_a_second_call_during_a_pruned_pass_is_refused_and_the_weights_come_back(load_tiny, masks):
+    loaded = load_tiny("tiny")
+    state = {name: t.clone() for name, t in loaded.unet.state_dict().items()}
+    dual = apply_crdiff(loaded.pipe, RATIOS, k=1.0, masks=masks)
+    name, _ = target_weights(dual.unet)["up"][0]
+    layer = dual.unet.get_submodule(name.removesuffix(".weight"))
+    handle = layer.register_forward_hook(lambda *_: unet_output(dual))  # re-enters the dual UNet mid-pass
+    with pytest.raises(CrdiffError, match="one call at a time"):
+        unet_output(dual)
+    handle.remove()
+    assert all(torch.equal(t, state[n]) for n, t in dual.unet.state_dict().items())
+    assert all(isinstance(p, torch.nn.Parameter) for p in dual.unet.parameters())
+
+
+def test_deep_copies_are_never_mistaken_for_the_attached_unet(load_tiny):
+    import copy
+
+    loaded = load_tiny("tiny")
+    dual = apply_crdiff(loaded.pipe, RATIOS)
+    twin = copy.deepcopy(dual.unet)
+    assert attached_dual(twin) is None and attached_dual(dual.unet) is dual
+    with pytest.raises(CrdiffError, match="cannot be deep-copied"):
+        copy.deepcopy(dual)
+
+
+def test_applied_under_inference_mode_then_used_outside(load_tiny):
+    loaded = load_tiny("tiny")
+    with torch.inference_mode():
+        dual = apply_crdiff(loaded.pipe, RATIOS, masks="copy")
+    dual.set_spec(PruneSpec.from_unet(dual.unet, Ratios.parse("0.5/0.5/0.5")))
+    unet_output(dual)
+
+
+@pytest.mark.parametrize("masks", ["copy", "on-the-fly"])
+def test_a_dtype_change_after_applying_is_refused(load_tiny, masks):
+    loaded = load_tiny("tiny")
+    dual = apply_crdiff(loaded.pipe, RATIOS, masks=masks)
+    dual.unet.to(torch.float64)
+    with pytest.raises(CrdiffError, match="apply CR-Diff again after changing the model's dtype"):
+        dual(torch.zeros(1, 4, 8, 8, dtype=torch.float64), torch.tensor(500), torch.zeros(1, 77, 32, dtype=torch.float64))

@@ -46,14 +46,15 @@ def apply_crdiff(pipe_or_unet, ratios: PruneSpec | Ratios | Profile | str | None
     """
     check_k(k)
     check_masks(masks)
+    pipe_or_unet = getattr(pipe_or_unet, "pipe", pipe_or_unet)  # crdiff's LoadedModel: its pipeline
     unet = _unet_of(pipe_or_unet)
     previous = attached_dual(unet)
     if previous is not None:
-        unet = previous.release()
-        if _is_pipeline(pipe_or_unet):
-            pipe_or_unet.unet = unet
+        unet = previous.unet
     spec = ratios if isinstance(ratios, PruneSpec) else prune_spec_for(unet, ratios, resolution=resolution,
                                                                       target_filter=target_filter)
+    if previous is not None:  # only now: a refused new setting leaves the previous one in place
+        previous.release()
     dual = DualUNet(unet, spec, k=k, masks=masks)
     if _is_pipeline(pipe_or_unet):
         pipe_or_unet.unet = dual
@@ -62,6 +63,7 @@ def apply_crdiff(pipe_or_unet, ratios: PruneSpec | Ratios | Profile | str | None
 
 def remove_crdiff(pipe_or_unet) -> nn.Module:
     """Remove CR-Diff: the plain UNet back in the pipeline (and returned); nothing happens without CR-Diff."""
+    pipe_or_unet = getattr(pipe_or_unet, "pipe", pipe_or_unet)
     unet = _unet_of(pipe_or_unet)
     dual = attached_dual(unet)
     if dual is None:

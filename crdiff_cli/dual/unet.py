@@ -14,10 +14,15 @@ kept resident (``masks="copy"``: +targets' size, all copies in one allocation, s
 GPUs) or computed per layer on the fly from the dense weight (``masks="on-the-fly"``: no resident copy,
 one fused ``hardshrink`` per layer per pass, made right before the layer runs and dropped after it).
 
-A masked copy is never stale: each remembers which tensor (and which in-place version of it) it was
-made from, and is made again before a pruned pass when the weight was replaced or changed in place
-(a LoRA fused after attaching, an optimizer step). Weights created under ``torch.inference_mode`` keep
-no version counter; for those only a replaced tensor is noticed.
+A masked copy is not left stale: each remembers which tensor, which memory and which in-place version of
+it the copy was made from, and is made again before a pruned pass when any of them changed (a replaced
+weight, an in-place update). A write through ``.data`` (PEFT fuses LoRAs that way) changes none of them:
+:meth:`DualUNet.set_spec` also compares a sample of every weight's values (one in 997) with the copy's,
+so recomputing the spec and calling ``set_spec`` (or applying again) after such a change re-makes them.
+Weights created under ``torch.inference_mode`` keep no version counter; for those the sample check is the
+one that notices. A weight moved to another dtype after attaching is refused (the thresholds belong to the
+dtype they were taken in). One pruned pass at a time: the weights are swapped in place, so the dual UNet
+refuses a second concurrent call instead of mixing the two passes' weights.
 
 Exactness: the combination uses ``torch.lerp``, which returns ``e_d`` exactly at ``k = 0``, ``e_p``
 exactly at ``k = 1`` and ``e_d`` exactly when both branches agree; ``k = 0`` and ``k = 1`` also skip the
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import weakref
 from pathlib import Path
 
@@ -52,11 +58,15 @@ class Branch:
 
 
 def attached_dual(unet: nn.Module) -> "DualUNet | None":
-    """The DualUNet currently attached to ``unet`` (or ``unet`` itself if it is one), else None."""
+    """The DualUNet currently attached to ``unet`` (or ``unet`` itself if it is one), else None.
+
+    The mark must point back at this very UNet: a deep copy of an attached UNet carries the original's mark.
+    """
     if isinstance(unet, DualUNet):
         return unet
     ref = unet.__dict__.get(_ATTACHED)
-    return ref() if ref is not None else None
+    dual = ref() if ref is not None else None
+    return dual if dual is not None and dual.unet is unet else None
 
 
 class _Target:
@@ -73,6 +83,7 @@ class _Target:
         self.slot = slot
         self.threshold: float | None = None
         self.made_from: tuple | None = None
+        self.sample: torch.Tensor | None = None  # every 997th value of the dense weight the copy was made from
         self.dense: nn.Parameter | None = None  # the dense weight while the pruned one is swapped in
 
     def identity(self) -> tuple:
@@ -84,31 +95,42 @@ class _Target:
             version = None
         return id(weight), weight.data_ptr(), version
 
-    def remask(self, threshold: float | None) -> None:
+    def values_changed(self) -> bool:
+        """Whether the dense weight's values differ from those the copy was made from, on a sample."""
+        if self.sample is None:
+            return False
+        with torch.no_grad():
+            return not torch.equal(_sample(self.module._parameters["weight"]), self.sample)
+
+    def remask(self, threshold: float | None, dtype: str) -> None:
         """Make the masked copy again (copy mode), in place: writing into fresh memory costs ~20x the
         masking itself (page faults), and a search re-masks at every candidate. A weight moved to another
-        device or dtype since the slot was made gets a slot of its own."""
+        device since the slot was made gets a slot of its own; one moved to another dtype is refused."""
         self.threshold = threshold
         if self.slot is not None and threshold is not None:
             weight = self.module._parameters["weight"]
-            if (self.slot.shape, self.slot.dtype, self.slot.device) != (weight.shape, weight.dtype, weight.device):
-                self.slot = torch.empty_like(weight, requires_grad=False)
-            with torch.no_grad():
+            _check_dtype(weight, dtype)
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, writable inside and outside
+                if (self.slot.shape, self.slot.device, self.slot.is_inference()) != (weight.shape, weight.device,
+                                                                                    False):
+                    self.slot = torch.empty_like(weight, requires_grad=False)
                 torch.hardshrink(weight, threshold, out=self.slot)
+                self.sample = _sample(weight).clone()
             self.made_from = self.identity()
 
-    def swap_in(self) -> None:
+    def swap_in(self, dtype: str) -> None:
         """Put the pruned weight where the layer reads ``weight``: a plain tensor in the module's parameter
         table for the duration of the pass (the layer computes with it like with any weight; no
         ``nn.Parameter`` is made per call, which costs more than the swap)."""
         if self.threshold is None:
             return
+        if self.slot is not None and self.made_from != self.identity():
+            self.remask(self.threshold, dtype)
         self.dense = self.module._parameters["weight"]
         if self.slot is not None:
-            if self.made_from != self.identity():
-                self.remask(self.threshold)
             self.module._parameters["weight"] = self.slot
         else:
+            _check_dtype(self.dense, dtype)
             self.module._parameters["weight"] = pruned_weight(self.dense.detach(), self.threshold)
 
     def swap_out(self) -> None:
@@ -140,6 +162,8 @@ class DualUNet(ModelMixin):
         self.k = float(k)
         self.masks = masks
         self._branch = Branch()
+        self._busy = threading.Lock()  # held for a pruned pass: the weights are swapped in place
+        self._released = False
         self._hooks: list = []
         groups = _checked_targets(unet, spec)  # refuse a wrong spec before any change
         targets = [(group, name, w) for group, weights in groups.items() for name, w in weights]
@@ -157,25 +181,32 @@ class DualUNet(ModelMixin):
     def _pre_hook(self, target: _Target):
         def swap(*_):
             if self._branch.pruned:
-                target.swap_in()
+                target.swap_in(self.spec.dtype)
         return swap
 
     def set_spec(self, spec: PruneSpec) -> None:
-        """Switch to another ratio set's thresholds; a group is re-masked when its threshold changed or one
-        of its weights did since it was masked.
+        """Switch to another ratio set's thresholds; a masked copy is made again when its threshold changed or
+        its weight did since it was masked (replaced, updated in place, or its values, on a sample).
 
         The spec must come from this UNet as loaded (``PruneSpec.from_unet(dual, ...)`` or ``(dual.unet, ...)``):
         one computed on another shape or in another dtype has other thresholds, and is refused here
         rather than run inexactly.
         """
+        self._check_attached()
         _checked_targets(self.unet, spec)
         new = spec.thresholds()
         for target in self._targets:
-            if target.threshold != new[target.group] or target.made_from != target.identity() or self.spec is None:
-                target.remask(new[target.group])
+            if (self.spec is None or target.threshold != new[target.group] or target.made_from != target.identity()
+                    or target.values_changed()):
+                target.remask(new[target.group], spec.dtype)
         self.spec = spec
 
+    def _check_attached(self) -> None:
+        if self._released:
+            raise CrdiffError("this DualUNet was released (remove_crdiff or release()); apply CR-Diff again to use it")
+
     def forward(self, *args, **kwargs):
+        self._check_attached()
         if self.k == 0 or all(t is None for t in self.spec.thresholds().values()):
             return self.unet(*args, **kwargs)
         if self.k == 1:
@@ -192,16 +223,20 @@ class DualUNet(ModelMixin):
         return dense
 
     def _pruned(self, *args, **kwargs):
-        self._branch.pruned = True
-        swapped = [t for t in self._targets if t.slot is not None]
+        if not self._busy.acquire(blocking=False):
+            raise CrdiffError("this DualUNet is already running a pruned pass (a call from another thread, or "
+                              "from inside the UNet); it swaps weights in place, so it takes one call at a time")
         try:
-            for target in swapped:
-                target.swap_in()
+            self._branch.pruned = True
+            for target in self._targets:
+                if target.slot is not None:
+                    target.swap_in(self.spec.dtype)
             return self.unet(*args, **kwargs)
         finally:
             self._branch.pruned = False
             for target in self._targets:
                 target.swap_out()
+            self._busy.release()
 
     def masked_copies(self) -> list[torch.Tensor]:
         """The resident masked copies of copy mode (empty on the fly), one per pruned target weight."""
@@ -213,23 +248,39 @@ class DualUNet(ModelMixin):
             hook.remove()
         self._hooks.clear()
         self._targets.clear()
+        self._released = True
         if self.unet.__dict__.get(_ATTACHED) is not None and self.unet.__dict__[_ATTACHED]() is self:
             del self.unet.__dict__[_ATTACHED]
         return self.unet
+
+    def __deepcopy__(self, memo):
+        raise CrdiffError("a DualUNet cannot be deep-copied (its hooks and masked copies belong to one UNet); copy "
+                          "the plain UNet and apply CR-Diff to the copy")
 
     def settings(self) -> dict:
         """What :meth:`save_pretrained` writes beside the dense UNet: enough to attach the same dual UNet again."""
         return {"format": SETTINGS_FORMAT, "k": self.k, "masks": self.masks, "spec": self.spec.to_dict()}
 
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+    def save_pretrained(self, save_directory, is_main_process: bool = True, save_function=None,
+                        safe_serialization: bool = True, variant: str | None = None, max_shard_size="10GB",
+                        push_to_hub: bool = False, **kwargs) -> None:
         """Save the dense UNet as diffusers does, plus ``crdiff.json`` with ratios, thresholds, k and masks.
 
-        A spec chosen by a custom target filter cannot be written (a function is not data): refused.
+        The options are diffusers' own (named, so that a pipeline's ``save_pretrained`` passes them on). A
+        spec chosen by a custom target filter cannot be written (a function is not data), and pushing to the
+        hub would upload the folder before ``crdiff.json`` is in it: both are refused.
         """
         if self.spec.target_filter is not None:
             raise CrdiffError("this dual UNet's targets were chosen by a custom target_filter, which cannot be "
                               "saved; save the plain pipeline (remove_crdiff(pipe) first) and apply again after loading")
-        self.unet.save_pretrained(save_directory, *args, **kwargs)
+        if push_to_hub:
+            raise CrdiffError("push_to_hub with CR-Diff applied is not supported: save_pretrained to a folder, then "
+                              "upload the folder")
+        self.unet.save_pretrained(save_directory, is_main_process=is_main_process, save_function=save_function,
+                                  safe_serialization=safe_serialization, variant=variant,
+                                  max_shard_size=max_shard_size, **kwargs)
+        if not is_main_process:
+            return
         path = Path(save_directory) / SETTINGS_FILE
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(self.settings(), indent=2) + "\n", encoding="utf-8")
@@ -262,10 +313,13 @@ class DualUNet(ModelMixin):
         return cls(unet, spec, k=settings["k"], masks=settings["masks"])
 
     def __getattr__(self, name: str):
-        # Pipelines read unet.config, unet.add_embedding, ...: serve them from the dense UNet.
+        # Pipelines read unet.config, unet.add_embedding, ...: serve them from the dense UNet. Private names
+        # (accelerate's ``_hf_hook``, ...) stay the dual UNet's own: a hook found on the inner UNet is not ours.
         try:
             return nn.Module.__getattr__(self, name)
         except AttributeError:
+            if name.startswith("_"):
+                raise
             return getattr(nn.Module.__getattr__(self, "unet"), name)
 
 
@@ -313,3 +367,17 @@ def resident_bytes(module: nn.Module) -> int:
     for t in tensors:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+def _sample(weight: torch.Tensor) -> torch.Tensor:
+    """Every 997th value of a weight (a cheap witness that its values changed; 997 is prime, so the sample
+    runs across rows and columns)."""
+    return weight.detach().reshape(-1)[::997]
+
+
+def _check_dtype(weight: torch.Tensor, dtype: str) -> None:
+    """Thresholds belong to the dtype they were taken in: refuse a weight converted since."""
+    if str(weight.dtype).removeprefix("torch.") != dtype:
+        raise CrdiffError(f"a target weight is {weight.dtype} now, but the thresholds were taken on {dtype} weights; "
+                          "apply CR-Diff again after changing the model's dtype")
+

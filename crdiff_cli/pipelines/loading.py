@@ -56,7 +56,11 @@ def quiet_libraries() -> None:
 
 
 def load_model(model: str, *, dtype: str = "fp32", device: str = "cpu") -> LoadedModel:
-    """Load ``model`` (tiny name, folder, ``.safetensors`` file or hub id) as a diffusers pipeline."""
+    """Load ``model`` (tiny name, folder, ``.safetensors`` file or hub id) as a diffusers pipeline.
+
+    A pipeline saved with CR-Diff applied (``unet/crdiff.json``) loads as its dense model: what crdiff then
+    applies is what the caller asks for, never a setting hidden in the folder.
+    """
     quiet_libraries()
     if model in TINY_MODELS:
         loaded = LoadedModel(_from_folder(tiny_model_path(model), dtype), TINY_MODELS[model], model)
@@ -73,6 +77,10 @@ def load_model(model: str, *, dtype: str = "fp32", device: str = "cpu") -> Loade
         loaded = LoadedModel(_from_hub(model, dtype), "unknown", model)
     if loaded.family == "unknown":
         loaded.family = _recorded_family(model) or detect_family(loaded.pipe.unet.config)
+    if type(loaded.pipe.unet).__name__ == "DualUNet":  # no torch-importing check before one is there
+        from crdiff_cli.dual.apply import remove_crdiff
+
+        remove_crdiff(loaded.pipe)
     loaded.pipe.set_progress_bar_config(disable=True)
     if device != "cpu":
         loaded.pipe.to(device)

@@ -36,7 +36,8 @@ def is_prune_output(folder: Path) -> bool:
     return isinstance(listed, list) and folder_files(folder) <= set(map(str, listed)) | {PRUNE_RECORD}
 
 
-PRUNED = OutputKind("pruned model folder", f"{PRUNE_RECORD} listing every file in it", is_prune_output, folder=True)
+PRUNED = OutputKind("pruned model folder", f"{PRUNE_RECORD} listing every file in it; a folder from a crdiff that did "
+                    "not list its files is refused too, remove it yourself", is_prune_output, folder=True)
 
 
 def prune_record(loaded: LoadedModel, spec: PruneSpec, origin: str, resolution: str | None,
