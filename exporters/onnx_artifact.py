@@ -26,6 +26,7 @@ from pathlib import Path
 
 from crdiff_cli.errors import CrdiffError, first_line
 from crdiff_cli.exporters.metadata import ArtifactError, ArtifactMetadata
+from crdiff_cli.storage.digest_cache import CHUNK, cached_digest, file_sha256
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention needs 14
@@ -35,7 +36,6 @@ ALIGNMENT = 4096  # external tensors start on page boundaries, so runtimes may m
 DATA_SHA256, DATA_BYTES = "crdiff.external_data_sha256", "crdiff.external_data_bytes"  # integrity of NAME.onnx.data
 INIT_SHA256, INIT_HASH_METHOD = "crdiff.initializers_sha256", "crdiff.initializers_hash_method"  # of every artifact
 INIT_METHOD = "crdiff-onnx-initializers-sha256/1"
-CHUNK = 1 << 22  # external weights are hashed in 4 MiB reads, never loaded whole
 
 
 def data_path(path: Path) -> Path:
@@ -213,8 +213,6 @@ def check_weights(path: Path) -> str | None:
     the size and modification time of the ``.onnx`` and of its data file: an untouched artifact costs a
     ``stat`` of each and a read of the ``.onnx``'s top-level fields (:func:`metadata_props`).
     """
-    from crdiff_cli.storage.digest_cache import cached_digest, file_sha256
-
     path = Path(path)
     props = metadata_props(path)
     data = data_path(path)
@@ -225,7 +223,6 @@ def check_weights(path: Path) -> str | None:
         if str(size) != props.get(DATA_BYTES):
             raise ArtifactError(f"{data} has {size:,} bytes, but {props.get(DATA_BYTES)} were baked; the file is "
                                 "truncated or replaced: re-bake or re-download it")
-    if DATA_SHA256 in props:
         where = (f"the weights in {data} do not match the SHA-256 recorded in {path.name} when it was baked: the "
                  "files were modified or corrupted; re-bake or re-download them")
     else:
@@ -322,15 +319,8 @@ def check_opset(opset: int) -> None:
 
 
 def read_onnx_metadata(path: Path) -> ArtifactMetadata:
-    """The metadata of an ONNX artifact, without reading external weights."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and friends
-        raise ArtifactError(f"{path} is not a readable ONNX model ({first_line(exc)}); it may be truncated "
-                            "or corrupt") from None
-    return ArtifactMetadata.from_strings({p.key: p.value for p in model.metadata_props}, str(path))
+    """The metadata of an ONNX artifact, without parsing its graph or reading its weights."""
+    return ArtifactMetadata.from_strings(metadata_props(path), str(path))
 
 
 def initializer_bytes(path: Path) -> int:

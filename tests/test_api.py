@@ -278,3 +278,30 @@ def test_a_dtype_change_after_applying_is_refused(load_tiny, masks):
     dual.unet.to(torch.float64)
     with pytest.raises(CrdiffError, match="apply CR-Diff again after changing the model's dtype"):
         dual(torch.zeros(1, 4, 8, 8, dtype=torch.float64), torch.tensor(500), torch.zeros(1, 77, 32, dtype=torch.float64))
+
+
+def test_save_pretrained_passes_diffusers_options_on_and_refuses_push_to_hub(load_tiny, tmp_path):
+    dual = apply_crdiff(load_tiny("tiny").pipe, RATIOS)
+    dual.save_pretrained(tmp_path / "unet", variant="fp16")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (tmp_path / "unet" / "crdiff.json").is_file()
+    with pytest.raises(CrdiffError, match="push_to_hub"):
+        dual.save_pretrained(tmp_path / "hub", push_to_hub=True)
+    assert not (tmp_path / "hub").exists()
+
+
+def test_private_attributes_are_not_borrowed_from_the_inner_unet(load_tiny):
+    """accelerate looks for ``_hf_hook`` on the module it offloads: one on the inner UNet is not the dual's."""
+    dual = apply_crdiff(load_tiny("tiny").pipe, RATIOS)
+    dual.unet._hf_hook = object()
+    assert not hasattr(dual, "_hf_hook") and dual.config is dual.unet.config
+
+
+def test_parameter_errors_survive_pickling():
+    """Ranks send errors to each other pickled; the parameter and its wording must arrive whole."""
+    import pickle
+
+    sent = ParameterError("strength", 0.2, "with steps 4 denoises 0 times", mentions=("steps",))
+    received = pickle.loads(pickle.dumps(sent))
+    assert (received.param, received.value, received.mentions, str(received)) == \
+        ("strength", 0.2, ("steps",), str(sent))

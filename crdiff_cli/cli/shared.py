@@ -106,7 +106,7 @@ def _check_numbers(fn, kwargs: dict) -> None:
 
 
 # Library parameters whose command parameter has another name.
-_COMMAND_NAMES = {"resolution": "res", "pipe_or_unet": "model"}
+_COMMAND_NAMES = {"resolution": "res"}
 
 
 def _flag(fn, name: str) -> str:

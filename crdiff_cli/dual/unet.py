@@ -111,8 +111,7 @@ class _Target:
             weight = self.module._parameters["weight"]
             _check_dtype(weight, dtype)
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, writable inside and outside
-                if (self.slot.shape, self.slot.device, self.slot.is_inference()) != (weight.shape, weight.device,
-                                                                                    False):
+                if (self.slot.shape, self.slot.device) != (weight.shape, weight.device):
                     self.slot = torch.empty_like(weight, requires_grad=False)
                 torch.hardshrink(weight, threshold, out=self.slot)
                 self.sample = _sample(weight).clone()
@@ -249,7 +248,7 @@ class DualUNet(ModelMixin):
         self._hooks.clear()
         self._targets.clear()
         self._released = True
-        if self.unet.__dict__.get(_ATTACHED) is not None and self.unet.__dict__[_ATTACHED]() is self:
+        if attached_dual(self.unet) is self:
             del self.unet.__dict__[_ATTACHED]
         return self.unet
 
@@ -350,7 +349,8 @@ def masked_copy_slots(weights: list[torch.Tensor], align_bytes: int = 64) -> lis
     for (dtype, device), indices in kinds.items():
         align = max(1, align_bytes // torch.empty((), dtype=dtype).element_size())
         sizes = [-(-weights[i].numel() // align) * align for i in indices]
-        buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: re-masked in place in and out of inference mode
+            buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
         for i, chunk in zip(indices, buffer.split(sizes)):
             slots[i] = chunk[: weights[i].numel()].view(weights[i].shape)
     return slots
@@ -360,7 +360,7 @@ def resident_bytes(module: nn.Module) -> int:
     """Bytes of all distinct tensors a module keeps (parameters, buffers and a dual UNet's masked copies,
     shared ones counted once)."""
     tensors = list(module.parameters()) + list(module.buffers())
-    dual = attached_dual(module) if isinstance(module, nn.Module) else None
+    dual = attached_dual(module)
     if dual is not None:
         tensors += dual.masked_copies()
     seen: dict[int, int] = {}

@@ -92,12 +92,16 @@ def read_prompt_source(path: Path, coco_sample: str | None = None, reference_ima
     from crdiff_cli.pipelines.prompts import read_prompts
 
     if not is_json_source(path):
-        if coco_sample is not None:
-            raise ParameterError("coco_sample", coco_sample, "applies to an MS-COCO captions JSON (--prompts FILE.json)")
+        _no_sampler(coco_sample)
         return read_prompts(path)
     from crdiff_cli.evaluation.coco import prompt_set
 
     return prompt_set(path, coco_sample, reference_images).prompts
+
+
+def _no_sampler(coco_sample: str | None) -> None:
+    if coco_sample is not None:
+        raise ParameterError("coco_sample", coco_sample, "applies to an MS-COCO captions JSON (--prompts FILE.json)")
 
 
 def is_json_source(path: Path) -> bool:
@@ -146,11 +150,11 @@ def prompt_source(*, prompt: str | None, prompts_file: Path | None, coco_sample:
         raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
     if limit is not None and limit < 1:
         raise ParameterError("limit", limit, "must be at least 1")
-    if prompts_file is None or not is_json_source(prompts_file):
-        if coco_sample is not None:
-            raise ParameterError("coco_sample", coco_sample, "applies to an MS-COCO captions JSON (--prompts FILE.json)")
-        prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompt_source(prompts_file)
-        return PromptSource(prompts[:limit])
+    if prompts_file is None:
+        _no_sampler(coco_sample)
+        return PromptSource([check_prompt("--prompt", prompt)])
+    if not is_json_source(prompts_file):
+        return PromptSource(read_prompt_source(prompts_file, coco_sample)[:limit])
     from crdiff_cli.evaluation.coco import prompt_set
 
     full = prompt_set(prompts_file, coco_sample, reference_images)

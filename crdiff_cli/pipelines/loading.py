@@ -77,10 +77,9 @@ def load_model(model: str, *, dtype: str = "fp32", device: str = "cpu") -> Loade
         loaded = LoadedModel(_from_hub(model, dtype), "unknown", model)
     if loaded.family == "unknown":
         loaded.family = _recorded_family(model) or detect_family(loaded.pipe.unet.config)
-    if type(loaded.pipe.unet).__name__ == "DualUNet":  # no torch-importing check before one is there
-        from crdiff_cli.dual.apply import remove_crdiff
+    from crdiff_cli.dual.apply import remove_crdiff
 
-        remove_crdiff(loaded.pipe)
+    remove_crdiff(loaded.pipe)
     loaded.pipe.set_progress_bar_config(disable=True)
     if device != "cpu":
         loaded.pipe.to(device)
