@@ -4,6 +4,8 @@ The whole-process targets: peak RSS of any CR-Diff variant <= 1.25x ``--dense``'
 CR-Diff (k = 1.5, default mask mode) costs <= 2.05x ``--dense``
 (two UNet passes are the floor) and ``--k 0 --ratios ...`` (the dual UNet built, only its dense pass
 run) <= 1.05x ``--dense``, at 8x8 and 32x32 latents (64x64 and 256x256 images) with 1 and 2 threads.
+POA policies (``--variants window-0.3 refresh-4``: ``--poa-interval 0:0.3``, ``--poa-refresh 4``) must
+cost within 5% of their cost model, the UNet passes they run per step (:func:`cost_model`).
 
 The model is the diffusers folder that ``bench_search.py`` writes once (SD1.5 UNet architecture with
 ``torch.manual_seed(0)`` random weights, the SD VAE architecture, a 2-layer CLIP text encoder of SD1.5's
@@ -36,7 +38,8 @@ step into the per-step figure; ``probe_generate_steps.py`` times the steps insid
 separates the two (docs/benchmarks.md, "Whole process").
 
 Usage: python benchmarks/bench_generate_process.py [--latents 8 32] [--threads 1 2] [--steps 2 52]
-       [--repeats 3] [--variants dense k0 crdiff crdiff-on-the-fly k0-on-the-fly] [--glibc-defaults] [--cold]
+       [--repeats 3] [--variants dense k0 crdiff crdiff-on-the-fly k0-on-the-fly window-0.3 refresh-4]
+       [--glibc-defaults] [--cold]
 Steps: by default 2 and 52 at 8x8, 2 and 12 at larger latents (about a minute of dense steps on one
 thread either way: enough here for repetitions to agree within a few percent, except at 32x32 with
 2 threads, docs/benchmarks.md).
@@ -64,8 +67,24 @@ VARIANTS = {
     "crdiff": ["--ratios", RATIOS],
     "k0-on-the-fly": ["--k", "0", "--ratios", RATIOS, "--masks", "on-the-fly"],
     "crdiff-on-the-fly": ["--ratios", RATIOS, "--masks", "on-the-fly"],
+    "window-0.3": ["--ratios", RATIOS, "--poa-interval", "0:0.3"],
+    "refresh-4": ["--ratios", RATIOS, "--poa-refresh", "4"],
 }
 TARGETS = {"k0": 1.05, "crdiff": 2.05, "k0-on-the-fly": 1.05, "crdiff-on-the-fly": 2.05}
+# POA policies: their per-step cost must be within 5% of the cost model, UNet passes per step relative to dense
+# (1 + f for a window covering a fraction f of the steps, 1 + 1/N for refresh N), counted exactly for the two
+# step counts by PoaPolicy.passes (with 2 and 52 steps: 1.30x and 1.24x).
+POLICIES = {"window-0.3": ("0:0.3", 1), "refresh-4": ("0:1", 4)}
+POLICY_TOLERANCE = 0.05
+
+
+def cost_model(name: str, steps: tuple[int, int]) -> float:
+    """UNet passes per step of a policy variant, relative to dense, between the two step counts."""
+    from crdiff_cli.dual.poa_policy import PoaPolicy
+
+    interval, refresh = POLICIES[name]
+    policy = PoaPolicy.parse(interval, "dense", refresh)
+    return (policy.passes(steps[1]) - policy.passes(steps[0])) / (steps[1] - steps[0])
 RSS_TARGET = 1.25  # peak RSS of a CR-Diff process (default copy masks) vs a --dense one
 # GLIBC_TUNABLES set to glibc's own default makes crdiff leave malloc alone (crdiff_cli.runtime.malloc_tuning):
 # the process then allocates as it did before crdiff tuned it.
@@ -132,7 +151,8 @@ def measure(pipe_dir, latent, threads, steps, variants, repeats, extra_env, warm
     return results
 
 
-def report(latent: int, threads: int, results: dict[str, list[dict]], repeats: int) -> list[tuple[str, bool]]:
+def report(latent: int, threads: int, results: dict[str, list[dict]], repeats: int,
+           steps: tuple[int, int]) -> list[tuple[str, bool]]:
     """Print one markdown table; return the target checks."""
     dense = results["dense"]
     loads = [x for runs in results.values() for r in runs for x in r["load"]]
@@ -147,13 +167,19 @@ def report(latent: int, threads: int, results: dict[str, list[dict]], repeats: i
         cpu_ratios = [r["cpu"] / d["cpu"] for r, d in zip(runs, dense)]
         cpu = statistics.median(cpu_ratios)
         target = TARGETS.get(name)
+        model = cost_model(name, steps) if name in POLICIES else None
+        target_text = f"<= {target}x" if target else f"{model:.2f}x +-{POLICY_TOLERANCE:.0%}" if model else ""
         print(f"| `{' '.join(VARIANTS[name])}` | {statistics.median(r['wall'] for r in runs):.2f} s | {wall:.2f}x | "
               f"{statistics.median(r['cpu'] for r in runs):.2f} s | {cpu:.2f}x ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}) | "
               f"{statistics.median(r['faults'] for r in runs):,.0f} | {max(r['rss'] for r in runs) / 2**30:.2f} GiB | "
-              f"{f'<= {target}x' if target else ''} |")
+              f"{target_text} |")
         if target:
             text = f"{latent}x{latent}, {threads} thread(s): {name} {cpu:.2f}x CPU (wall {wall:.2f}x) <= {target}x"
             checks.append((text, cpu <= target))
+        if model:
+            text = (f"{latent}x{latent}, {threads} thread(s): {name} {cpu:.2f}x CPU (wall {wall:.2f}x) within "
+                    f"{POLICY_TOLERANCE:.0%} of the cost model {model:.2f}x")
+            checks.append((text, abs(cpu / model - 1) <= POLICY_TOLERANCE))
         if name != "dense":
             rss = max(r["rss"] for r in runs) / max(d["rss"] for d in dense)
             checks.append((f"{latent}x{latent}, {threads} thread(s): {name} peak RSS {rss:.3f}x --dense's "
@@ -192,7 +218,7 @@ def main() -> None:
         for threads in args.threads:
             results = measure(pipe_dir, latent, threads, steps, args.variants, args.repeats,
                               GLIBC_DEFAULTS if args.glibc_defaults else {}, not args.cold)
-            checks += report(latent, threads, results, args.repeats)
+            checks += report(latent, threads, results, args.repeats, steps)
     print()
     for text, passed in checks:
         print(f"{'PASS' if passed else 'FAIL'}: {text}")

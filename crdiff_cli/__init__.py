@@ -28,6 +28,7 @@ _API = {
     "apply_crdiff": "crdiff_cli.dual.apply",
     "remove_crdiff": "crdiff_cli.dual.apply",
     "DualUNet": "crdiff_cli.dual.unet",
+    "PoaPolicy": "crdiff_cli.dual.poa_policy",
     "Ratios": "crdiff_cli.pruning.ratios",
     "Resolution": "crdiff_cli.pruning.resolution",
     "PruneSpec": "crdiff_cli.pruning.spec",

@@ -6,6 +6,7 @@ One concept per module, data flowing one way:
 - :mod:`.safetensors_artifact`: dense weights + metadata; loads back into the live PyTorch path.
 - :mod:`.onnx_graph`: the torch module traced into the dual graph, and the graph's inputs.
 - :mod:`.onnx_artifact`: the ONNX export (external data, metadata, weights digest) and its checks.
+- :mod:`.onnx_policy`: the policy graph (input ``poa_pass``: both passes, dense or pruned), from three traces.
 - :mod:`.onnx_runtime`: ONNX Runtime sessions (providers, mask folding) and the pipeline adapter.
 - :mod:`.validate`: comparing an artifact with the live dual UNet (Optimum-style named errors).
 - :mod:`.bake`: export, then validate, then rename into place.

@@ -101,21 +101,28 @@ def check_base(meta: ArtifactMetadata, unet_config, base: str) -> None:
 
 def attach_artifact(loaded, path: Path, meta: ArtifactMetadata, *, k: float | None = None, ratios=None,
                     masks: str = defaults.MASKS, provider: str | None = None, fold_masks: bool = True,
-                    warn: Callable[[str], None] | None = None):
+                    warn: Callable[[str], None] | None = None, poa=None):
     """Replace ``loaded.pipe.unet`` by the artifact's; returns ``(dual or None, info)``.
 
     On the live path (safetensors) ``k`` / ``ratios`` override
-    the baked ones; ``dual`` is the DualUNet there and None for ONNX, whose k is fixed. Either way the
+    the baked ones; ``dual`` is the DualUNet there and None for ONNX, whose k is fixed. ``poa`` (a
+    :class:`~crdiff_cli.dual.poa_policy.PoaPolicy`) overrides the baked policy; an ONNX graph serves a
+    partial policy only when it was baked with one (it then has the one-pass switch). Either way the
     weights are checked against the digest recorded at bake; ``warn`` hears that an ONNX artifact baked
     without one is unverified (see :func:`~crdiff_cli.exporters.onnx_runtime.open_session`).
     """
     check_base(meta, loaded.unet.config, loaded.source)
-    info = {"artifact": str(path), "artifact_format": format_of(path), "mode": "crdiff"}
+    poa = poa or meta.poa
+    info = {"artifact": str(path), "artifact_format": format_of(path), "mode": "crdiff", "poa": poa.to_dict()}
     if format_of(path) == "onnx":
         from crdiff_cli.exporters.onnx_runtime import OnnxUNet, open_session
 
+        if not poa.is_full and not meta.poa_switch:
+            raise ParameterError("poa", poa.label(), "needs an ONNX artifact baked with a POA policy (it has the "
+                                 "one-pass switch); re-bake it with one, or use the .safetensors artifact")
         session = open_session(path, provider=provider, fold_masks=fold_masks, warn=warn)
-        loaded.pipe.unet = OnnxUNet(session, meta, loaded.unet.dtype)
+        loaded.pipe.unet = OnnxUNet(session, meta, loaded.unet.dtype, poa=poa)
+        loaded.pipe.unet.poa.bind(loaded.pipe)
         return None, {**info, "k": meta.k, "ratios": str(meta.spec.ratios), "thresholds": meta.spec.thresholds(),
                       "provider": session.get_providers()[0], "ort_fold_masks": fold_masks}
     from crdiff_cli.dual.apply import apply_crdiff
@@ -126,5 +133,5 @@ def attach_artifact(loaded, path: Path, meta: ArtifactMetadata, *, k: float | No
     loaded.pipe.unet = unet.to(loaded.unet.device)
     spec = meta.spec if ratios is None or ratios == meta.spec.ratios else PruneSpec.from_unet(unet, ratios)
     k = meta.k if k is None else k
-    dual = apply_crdiff(loaded.pipe, spec, k=k, masks=masks)
+    dual = apply_crdiff(loaded.pipe, spec, k=k, masks=masks, poa=poa)
     return dual, {**info, "k": k, "ratios": str(spec.ratios), "thresholds": spec.thresholds(), "masks": masks}

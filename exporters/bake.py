@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.exporters.artifacts import check_outputs, format_of, output_files
 from crdiff_cli.exporters.metadata import ArtifactMetadata
@@ -45,7 +46,7 @@ class BakeResult:
 
 def bake(unet, spec: PruneSpec, *, k: float, resolution: Resolution, family: str, out: Path,
          opset: int = DEFAULT_OPSET, verify: bool = True, overwrite: bool = False, external_data: bool | None = None,
-         reference=None, on_stage=None) -> BakeResult:
+         reference=None, on_stage=None, poa: PoaPolicy | None = None) -> BakeResult:
     """Bake the plain diffusers ``unet`` with ``spec`` and ``k`` into ``out`` (.safetensors or .onnx).
 
     ``verify`` compares the written artifact with ``reference`` (default: the live
@@ -53,7 +54,8 @@ def bake(unet, spec: PruneSpec, *, k: float, resolution: Resolution, family: str
     :class:`~crdiff_cli.exporters.validate.VerificationError` on a mismatch, in which case nothing is
     written. A UNet with PEFT adapter layers is refused (fuse and unload the LoRA first).
     ``external_data`` (ONNX) forces or forbids the external weights file; None decides by size.
-    ``on_stage(name)`` is called as each stage starts (for progress display).
+    ``on_stage(name)`` is called as each stage starts (for progress display). ``poa`` is recorded; an ONNX
+    artifact baked with a partial policy gets the one-pass switch (one graph for every kind of step).
     """
     require_plain(unet)
     out = Path(out)
@@ -64,7 +66,8 @@ def bake(unet, spec: PruneSpec, *, k: float, resolution: Resolution, family: str
         raise CrdiffError(f"artifacts are baked in float32 or float16, not {spec.dtype}; load the model as fp32 or fp16")
     stage = on_stage or (lambda name: None)
     stage("hashing the dense weights")
-    meta = ArtifactMetadata.describe(unet, spec, k, resolution, family)
+    poa = poa or PoaPolicy()
+    meta = ArtifactMetadata.describe(unet, spec, k, resolution, family, poa, poa_switch=fmt == "onnx" and not poa.is_full)
     with _staged(out, files) as staging:
         target = staging / out.name
         stage(f"writing {fmt}")
@@ -72,7 +75,7 @@ def bake(unet, spec: PruneSpec, *, k: float, resolution: Resolution, family: str
         if fmt == "onnx":
             from crdiff_cli.exporters.onnx_artifact import export_onnx
 
-            export_onnx(unet, meta, target, opset=opset, external_data=external_data)
+            export_onnx(unet, meta, target, opset=opset, external_data=external_data, poa_switch=meta.poa_switch)
         else:
             from crdiff_cli.exporters.safetensors_artifact import save_safetensors
 
@@ -94,23 +97,38 @@ def verify_artifact(path: Path, unet, meta: ArtifactMetadata, reference=None) ->
     """Load the artifact at ``path`` as a consumer would and validate it against the live dual UNet.
 
     The metadata must round-trip exactly; for ONNX the file must also pass ``onnx.checker`` and store
-    no more weight bytes than the UNet has (no second copy). ONNX runs on ONNX Runtime's CPU provider.
+    no more weight bytes than the UNet has (no second copy). ONNX runs on ONNX Runtime's CPU provider. A
+    graph with the POA switch is also checked pass by pass: its dense pass against the live dual UNet at
+    k = 0 (the plain UNet), its pruned pass against it at k = 1.
     """
     from crdiff_cli.dual.unet import DualUNet
 
     candidate, release = _load_candidate(Path(path), meta, unet)
     live = reference if reference is not None else DualUNet(unet, meta.spec, meta.k)
+    k = live.k
+    cases = verification_cases(meta.resolution)
     try:
-        return validate_model_outputs(lambda inputs: unet_call(live, inputs), candidate, meta.unet_config,
-                                      verification_cases(meta.resolution), dtype=meta.dtype)
+        report = validate_model_outputs(lambda inputs: unet_call(live, inputs), candidate, meta.unet_config, cases,
+                                        dtype=meta.dtype)
+        if meta.poa_switch:
+            from crdiff_cli.exporters.onnx_graph import PASS_DENSE, PASS_PRUNED
+
+            for one_pass, pass_k in ((PASS_DENSE, 0.0), (PASS_PRUNED, 1.0)):
+                live.k = pass_k
+                validate_model_outputs(lambda inputs: unet_call(live, inputs),
+                                       lambda inputs: candidate(inputs, one_pass), meta.unet_config, cases,
+                                       dtype=meta.dtype)
+        return report
     finally:
+        live.k = k
         if reference is None:
             live.release()
         release()
 
 
 def _load_candidate(path: Path, meta: ArtifactMetadata, unet):
-    """``(run, release)`` for the artifact at ``path``, after the structural checks."""
+    """``(run, release)`` for the artifact at ``path``, after the structural checks; ``run(inputs, one_pass=None)``
+    runs an ONNX policy graph's dense or pruned pass alone when ``one_pass`` is given."""
     if format_of(path) == "safetensors":
         from crdiff_cli.dual.unet import DualUNet
         from crdiff_cli.exporters.safetensors_artifact import load_safetensors_unet
@@ -130,7 +148,11 @@ def _load_candidate(path: Path, meta: ArtifactMetadata, unet):
                                 f"UNet's {dense:,} (a second copy of weights was exported)")
     session = open_session(path, provider="cpu")
     holder = [session]
-    return (lambda inputs: run_session(holder[0], inputs)), holder.clear
+
+    def run(inputs, one_pass=None):
+        return run_session(holder[0], inputs) if one_pass is None else run_session(holder[0], inputs, one_pass)[0]
+
+    return run, holder.clear
 
 
 def _check_round_trip(read: ArtifactMetadata, written: ArtifactMetadata) -> None:

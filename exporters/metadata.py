@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from crdiff_cli import __version__
+from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pruning.ratios import GROUPS, Ratios
 from crdiff_cli.pruning.resolution import Resolution
@@ -48,16 +49,19 @@ class ArtifactMetadata:
     base_unet_sha256: str
     target_names: dict[str, list[str]]
     crdiff_version: str = __version__
+    poa: PoaPolicy = PoaPolicy()  # the POA policy baked in: generate follows it unless told otherwise
+    poa_switch: bool = False  # ONNX: the graph has a ``poa_pass`` input and serves one-pass steps too
 
     @classmethod
-    def describe(cls, unet, spec: PruneSpec, k: float, resolution: Resolution, family: str) -> "ArtifactMetadata":
-        """The metadata of baking the plain (unparametrized) ``unet`` with ``spec`` and ``k``."""
+    def describe(cls, unet, spec: PruneSpec, k: float, resolution: Resolution, family: str,
+                 poa: PoaPolicy | None = None, poa_switch: bool = False) -> "ArtifactMetadata":
+        """The metadata of baking the plain (unparametrized) ``unet`` with ``spec``, ``k`` and ``poa``."""
         from crdiff_cli.pruning.spec import check_matches
 
         names = {g: [name for name, _ in ws] for g, ws in check_matches(unet, spec).items()}
         return cls(spec=spec, k=float(k), resolution=resolution, family=family,
                    unet_config=comparable_config(unet.config), base_unet_sha256=weights_sha256(unet.state_dict()),
-                   target_names=names)
+                   target_names=names, poa=poa or PoaPolicy(), poa_switch=poa_switch)
 
     @property
     def dtype(self) -> str:
@@ -77,6 +81,7 @@ class ArtifactMetadata:
             "groups": _json(groups), "target_weights": _json(self.target_names), "unet_class": UNET_CLASS,
             "unet_config": _json(self.unet_config), "base_unet_sha256": self.base_unet_sha256,
             "base_unet_hash_method": HASH_METHOD,
+            "poa": _json({**self.poa.to_dict(), "switch": self.poa_switch}),
         }
         return {PREFIX + key: value for key, value in table.items()}
 
@@ -97,6 +102,7 @@ class ArtifactMetadata:
         except ArtifactError as exc:
             raise ArtifactError(f"{origin}: {exc}") from None
         except (KeyError, TypeError, ValueError, AttributeError, struct.error) as exc:  # struct: bits out of range
+            # (a ParameterError from a damaged POA policy is a ValueError too)
             raise ArtifactError(f"{origin} has damaged crdiff metadata ({type(exc).__name__}: {exc}); "
                                 "re-bake it") from None
 
@@ -120,10 +126,12 @@ class ArtifactMetadata:
             raise ArtifactError(f"holds a {t['unet_class']}; crdiff artifacts hold a {UNET_CLASS}")
         if t["base_unet_hash_method"] != HASH_METHOD:
             raise ArtifactError(f"uses weights hash {t['base_unet_hash_method']!r}, this crdiff knows {HASH_METHOD!r}")
+        poa = json.loads(t["poa"]) if "poa" in t else None  # artifacts baked before policies: full POA
         return cls(spec=PruneSpec(ratios, specs, dtype), k=float(t["k"]), resolution=Resolution.parse(t["resolution"]),
                    family=t["family"], unet_config=json.loads(t["unet_config"]),
                    base_unet_sha256=t["base_unet_sha256"], target_names=json.loads(t["target_weights"]),
-                   crdiff_version=t["crdiff_version"])
+                   crdiff_version=t["crdiff_version"], poa=PoaPolicy.from_dict(poa),
+                   poa_switch=bool(poa and poa.get("switch")))
 
 
 def comparable_config(config) -> dict:

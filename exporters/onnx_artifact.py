@@ -44,11 +44,13 @@ def data_path(path: Path) -> Path:
 
 
 def export_onnx(unet, meta: ArtifactMetadata, path: Path, *, opset: int = DEFAULT_OPSET,
-                external_data: bool | None = None) -> None:
+                external_data: bool | None = None, poa_switch: bool = False) -> None:
     """Trace the dual graph of ``unet`` (with ``meta``'s spec and k) into ``path`` (+ ``path.data``).
 
-    ``external_data``: None decides by size (external above 2 GiB), True/False forces it. Writes
-    scratch files into a folder beside ``path``; the caller makes the whole write atomic.
+    ``external_data``: None decides by size (external above 2 GiB), True/False forces it. ``poa_switch``
+    writes the policy graph instead (:mod:`.onnx_policy`: input ``poa_pass`` picks both passes, dense or
+    pruned; outputs ``out_sample`` and ``poa_delta``), with the same initializers. Writes scratch files
+    into a folder beside ``path``; the caller makes the whole write atomic.
     """
     import shutil
     import tempfile
@@ -56,22 +58,17 @@ def export_onnx(unet, meta: ArtifactMetadata, path: Path, *, opset: int = DEFAUL
     import onnx
     import torch
 
-    from crdiff_cli.exporters.onnx_graph import (OUTPUT, dual_graph, dynamic_axes, example_inputs, input_names, is_sdxl,
-                                                 trace_shape)
+    from crdiff_cli.exporters.onnx_graph import OUTPUT, dual_graph, dynamic_axes, example_inputs, trace_shape
 
     check_opset(opset)
-    sdxl = is_sdxl(unet.config)
     dtype = getattr(torch, meta.dtype)
     scratch = Path(tempfile.mkdtemp(prefix=".trace-", dir=path.parent))
     try:
-        raw = scratch / "graph.onnx"
         inputs = example_inputs(unet.config, 2, *trace_shape(unet.config), dtype=dtype)
         with dual_graph(unet, meta.spec, meta.k) as graph, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python-level shape checks
-            torch.onnx.export(graph, tuple(inputs.values()), str(raw), dynamo=False, opset_version=opset,
-                              input_names=input_names(sdxl), output_names=[OUTPUT], dynamic_axes=dynamic_axes(sdxl),
-                              do_constant_folding=False)
-        model = onnx.load(str(raw), load_external_data=False)
+            model = (_trace_policy(graph, inputs, scratch, opset) if poa_switch else
+                     _trace(graph, inputs, [OUTPUT], dynamic_axes(graph.sdxl), scratch / "graph.onnx", opset))
         model.producer_name, model.producer_version = "crdiff", meta.crdiff_version
         for key, value in meta.to_strings().items():
             model.metadata_props.add(key=key, value=value)
@@ -92,6 +89,34 @@ def export_onnx(unet, meta: ArtifactMetadata, path: Path, *, opset: int = DEFAUL
         onnx.save_model(model, str(path))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _trace(module, inputs: dict, outputs: list[str], axes: dict, raw: Path, opset: int, *, params: bool = True):
+    """Export ``module`` traced on ``inputs`` (graph inputs named as their keys) to ``raw``; returns it loaded
+    without external data. ``params=False`` makes the weights graph inputs (named as their initializers would be).
+    """
+    import onnx
+    import torch
+
+    torch.onnx.export(module, tuple(inputs.values()), str(raw), dynamo=False, opset_version=opset,
+                      input_names=list(inputs), output_names=outputs, dynamic_axes=axes, do_constant_folding=False,
+                      export_params=params)
+    return onnx.load(str(raw), load_external_data=False)
+
+
+def _trace_policy(graph, inputs: dict, scratch: Path, opset: int):
+    """The policy graph of ``graph`` (:mod:`.onnx_policy`) from three traces: the dense pass, whose weights land
+    in ``scratch`` as the dual graph's do, the pruned pass without weights, and the combination of the two."""
+    from crdiff_cli.exporters.onnx_graph import DELTA, OUTPUT, combination_axes, combination_inputs, dynamic_axes
+    from crdiff_cli.exporters.onnx_policy import make_policy
+
+    axes = dynamic_axes(graph.sdxl)
+    model = _trace(graph.variant(0.0), inputs, [OUTPUT], axes, scratch / "graph.onnx", opset)
+    pruned = _trace(graph.variant(1.0), inputs, [OUTPUT], axes, scratch / "pruned.onnx", opset, params=False)
+    combination = _trace(graph.combination(), combination_inputs(graph.unet.config, inputs["sample"].dtype),
+                         [OUTPUT, DELTA], combination_axes(), scratch / "combination.onnx", opset)
+    make_policy(model, pruned, combination)
+    return model
 
 
 def _write_external(tensors, scratch: Path, target: Path) -> tuple[str, int]:

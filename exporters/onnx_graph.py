@@ -13,6 +13,9 @@ During export each ``nn.Linear`` is therefore swapped for :class:`_MatMulLinear`
 the weight stored transposed (``[in, out]``, a view: no copy), so the graph is ``MatMul(x, Wt)`` and
 the mask ``where(|Wt| > t, Wt, 0)`` needs no transpose either (masking commutes with transposing).
 The UNet's own modules are put back afterwards.
+
+Policy graphs (:mod:`.onnx_policy`) are assembled from three traces: this module at ``k = 0`` (the dense
+pass alone) and at ``k = 1`` (the pruned pass alone), and :class:`Combination`, its last step alone.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from crdiff_cli.pruning.spec import PruneSpec, check_matches
 from crdiff_cli.pruning.targets import group_of, require_plain
 
 OUTPUT = "out_sample"
+DELTA = "poa_delta"  # policy graphs: e_p - e_d when both passes run, zeros in one-pass steps
+PASS = "poa_pass"  # policy graphs: the int64 [1] input that says which passes a step runs
+PASS_BOTH, PASS_DENSE, PASS_PRUNED = 0, 1, 2  # its values: both passes (POA), the dense one alone, the pruned one
+PASS_VALUES = ("poa:dense", "poa:pruned")  # policy graphs: e_d and e_p, the inputs of the traced Combination
 
 
 def input_names(sdxl: bool) -> list[str]:
@@ -115,10 +122,15 @@ class DualGraph(nn.Module):
             return self._run(False, *args)
         if self.k == 1:
             return self._run(True, *args)
-        dense, pruned = self._run(False, *args), self._run(True, *args)
-        if abs(self.k) < 0.5:
-            return dense + self.k * (pruned - dense)
-        return pruned - (pruned - dense) * (1.0 - self.k)
+        return combine(self._run(False, *args), self._run(True, *args), self.k)
+
+    def variant(self, k: float) -> "DualGraph":
+        """The same UNet and masks at another ``k``: ``0`` traces the dense pass alone, ``1`` the pruned one."""
+        return DualGraph(self.unet, k, self.branch, self.any_pruned).eval()
+
+    def combination(self) -> "Combination":
+        """This graph's last step alone (what a policy graph's both-passes step ends with)."""
+        return Combination(self.k, self.any_pruned).eval()
 
     def _run(self, pruned: bool, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
@@ -127,6 +139,44 @@ class DualGraph(nn.Module):
             return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
         finally:
             self.branch.pruned = False
+
+
+def combine(dense: torch.Tensor, pruned: torch.Tensor, k: float) -> torch.Tensor:
+    """``e_d + k (e_p - e_d)``, formula for formula as ``torch.lerp`` computes it (see :class:`DualGraph`)."""
+    if abs(k) < 0.5:
+        return dense + k * (pruned - dense)
+    return pruned - (pruned - dense) * (1.0 - k)
+
+
+class Combination(nn.Module):
+    """:class:`DualGraph`'s last step alone, on the two passes' outputs: ``(its output, e_p - e_d)``.
+
+    Traced on inputs named :data:`PASS_VALUES` for a policy graph, whose both-passes step it computes.
+    """
+
+    def __init__(self, k: float, any_pruned: bool):
+        super().__init__()
+        self.k = float(k)
+        self.any_pruned = any_pruned
+
+    def forward(self, dense: torch.Tensor, pruned: torch.Tensor):
+        delta = pruned - dense
+        if self.k == 0 or not self.any_pruned:
+            return dense, delta
+        if self.k == 1:
+            return pruned, delta
+        return combine(dense, pruned, self.k), delta
+
+
+def combination_inputs(config, dtype) -> dict[str, torch.Tensor]:
+    """Example inputs of :class:`Combination`: two outputs of the UNet at the trace shape, batch 2."""
+    config = dict(config)
+    return {name: torch.zeros(2, config["out_channels"], *trace_shape(config), dtype=dtype) for name in PASS_VALUES}
+
+
+def combination_axes() -> dict[str, dict[int, str]]:
+    """:class:`Combination`'s inputs and outputs have the UNet output's dynamic axes."""
+    return {name: {0: "batch", 2: "height", 3: "width"} for name in (*PASS_VALUES, OUTPUT, DELTA)}
 
 
 @contextmanager

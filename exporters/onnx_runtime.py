@@ -9,6 +9,11 @@ weights. ``fold_masks=False`` disables the ``ConstantFolding`` optimizer (sessio
 a prepacked MatMul keeps its own packed copy, and the original must stay for the masks, so folding
 off alone saved nothing when measured on SD1.5): one copy of the weights, a mask per target per call,
 slower. The file on disk is the same either way.
+
+Policy graphs (:mod:`.onnx_policy`, input ``poa_pass``) fold the same way: ONNX Runtime folds the masks inside
+the pruned pass's ``If`` branch too (outer-scope initializers count as constants), once, as the pass is in the
+graph once; ``fold_masks=False`` leaves them per call there as well. ONNX Runtime's NCHWc convolution layout is
+not applied inside ``If`` branches; the both-passes step still measured as fast as the dual graph on the CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from crdiff_cli.errors import CrdiffError, first_line
+from crdiff_cli.errors import CrdiffError, ParameterError, first_line
 from crdiff_cli.exporters.metadata import ArtifactError, ArtifactMetadata
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -78,13 +83,36 @@ def open_session(path: Path, *, provider: str | None = None, fold_masks: bool = 
                             f"{Path(path).name}.data may be truncated or corrupt") from None
 
 
-def run_session(session, inputs: dict):
-    """Run the dual graph on torch tensors (cast to the graph's input types); returns a torch tensor."""
+def run_session(session, inputs: dict, poa_pass: int | None = None):
+    """Run the graph on torch tensors (cast to the graph's input types); returns ``out_sample``, a torch tensor.
+
+    ``poa_pass`` (policy graphs only, see :mod:`.onnx_policy`): 0 both passes, 1 the dense one, 2 the pruned
+    one; returns ``(out_sample, poa_delta)``. Without it a policy graph runs both passes, as the dual graph does.
+    """
     import numpy as np
 
+    from crdiff_cli.exporters.onnx_graph import DELTA, OUTPUT, PASS, PASS_BOTH, PASS_DENSE, PASS_PRUNED
+
     types = {i.name: i.type for i in session.get_inputs()}
-    feeds = {name: inputs[name].detach().cpu().numpy().astype(_NUMPY[types[name]], copy=False) for name in types}
-    return torch.from_numpy(np.ascontiguousarray(session.run(["out_sample"], feeds)[0]))
+    if poa_pass is not None and PASS not in types:
+        raise CrdiffError(f"this ONNX artifact's graph has no {PASS} input: it always runs both passes; bake it "
+                          "with the POA switch to run one pass per step")
+    if poa_pass not in (None, PASS_BOTH, PASS_DENSE, PASS_PRUNED):
+        raise ParameterError("poa_pass", poa_pass, "must be 0 (both passes), 1 (dense) or 2 (pruned)")
+    feeds = {name: inputs[name].detach().cpu().numpy().astype(_NUMPY[types[name]], copy=False)
+             for name in types if name != PASS}
+    if PASS in types:
+        feeds[PASS] = np.array([PASS_BOTH if poa_pass is None else poa_pass], dtype=np.int64)
+    outputs = [torch.from_numpy(np.ascontiguousarray(out))
+               for out in session.run([OUTPUT] if poa_pass is None else [OUTPUT, DELTA], feeds)]
+    return outputs[0] if poa_pass is None else tuple(outputs)
+
+
+def has_poa_pass(session) -> bool:
+    """Whether ``session`` runs a policy graph (:mod:`.onnx_policy`): one with the ``poa_pass`` input."""
+    from crdiff_cli.exporters.onnx_graph import PASS
+
+    return any(i.name == PASS for i in session.get_inputs())
 
 
 _NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -100,14 +128,21 @@ class OnnxUNet(nn.Module):
     run on a GPU). It holds no parameters: the weights live in the session.
     """
 
-    def __init__(self, session, meta: ArtifactMetadata, dtype=None):
+    def __init__(self, session, meta: ArtifactMetadata, dtype=None, poa=None):
         from diffusers.configuration_utils import FrozenDict
+
+        from crdiff_cli.dual.poa_steps import PoaSteps
 
         super().__init__()
         self.session = session
         self.meta = meta
         self.config = FrozenDict(meta.unet_config)
         self._dtype = dtype or torch.float32
+        self.poa = PoaSteps(poa)  # bind it to the pipeline (``unet.poa.bind(pipe)``) for a partial policy
+        self._switch = has_poa_pass(session)
+        if not (self.poa.policy.is_full or self._switch):
+            raise CrdiffError("this ONNX graph always runs both passes; a partial POA policy needs an artifact baked "
+                              "with one (the one-pass switch, input poa_pass)")
         if self.config.get("addition_embed_type") == "text_time":
             from types import SimpleNamespace
 
@@ -131,12 +166,31 @@ class OnnxUNet(nn.Module):
                               "safetensors artifact (live PyTorch path) for adapters and ControlNets")
         inputs = {"sample": sample, "timestep": torch.as_tensor(timestep, dtype=torch.float32).reshape(-1),
                   "encoder_hidden_states": encoder_hidden_states, **(added_cond_kwargs or {})}
-        out = run_session(self.session, inputs).to(device=sample.device, dtype=self._dtype)
+        out = self._run(inputs, timestep).to(device=sample.device, dtype=self._dtype)
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
             return UNet2DConditionOutput(sample=out)
         return (out,)
+
+    def _run(self, inputs: dict, timestep) -> torch.Tensor:
+        """One call as the POA policy plans it: the graph's both-passes output, or one pass (plus the cached
+        difference); a graph without the switch always runs both passes."""
+        from crdiff_cli.exporters.onnx_graph import PASS_BOTH, PASS_DENSE, PASS_PRUNED
+
+        if not self._switch:
+            return run_session(self.session, inputs)
+        k = self.meta.k
+        kind, step = self.poa.plan(timestep, k)
+        one_pass = {"dense": PASS_DENSE, "cached-dense": PASS_DENSE, "pruned": PASS_PRUNED,
+                    "cached-pruned": PASS_PRUNED}.get(kind)
+        if one_pass is not None:
+            out = run_session(self.session, inputs, one_pass)[0]
+            return self.poa.from_cache(out, k, kind) if kind.startswith("cached-") else out
+        out, delta = run_session(self.session, inputs, PASS_BOTH)
+        if self.poa.policy.refresh > 1 or self.poa.trace is not None:
+            self.poa.keep(delta, out - k * delta if self.poa.trace is not None else None, out, step, timestep)
+        return out
 
 
 def _warn(message: str) -> None:

@@ -50,6 +50,27 @@ def test_work_items_are_ordered_and_batches_fixed():
     assert items[0].image == "images/32x32/dense/0_5.png"
 
 
+def test_poa_policy_variants_equal_generate_and_are_compared_with_full_crdiff(tmp_path, tiny_dirs):
+    flags = ["--model", "tiny", "--res", "48x40", "--prompts", str(prompts_file(tmp_path, PROMPTS[:1])), "--seed", "2",
+             "--steps", "2", "--ratios", "0.3/0.2/0.25", "--scheduler", "ddim"]
+    ok(invoke(*flags, "--out", str(tmp_path / "ev"), "--metrics", "tiny",
+              "--variants", "crdiff/refresh2,dense,crdiff@0:0.5,crdiff,crdiff@0.5:0.5"))
+    ev = tmp_path / "ev" / "images" / "48x40"
+    for folder, extra in (("crdiff@0-0.5", ["--poa-interval", "0:0.5"]), ("crdiff_refresh2", ["--poa-refresh", "2"])):
+        ok(CliRunner().invoke(app, ["generate", *flags, *extra, "--out", str(tmp_path / folder)]))
+        assert (tmp_path / folder / "0_2.png").read_bytes() == (ev / folder / "0_2.png").read_bytes(), folder
+    empty_window, dense = (np.asarray(Image.open(ev / f / "0_2.png")) for f in ("crdiff@0.5-0.5", "dense"))
+    assert np.array_equal(empty_window, dense)
+    rows = read_csv(tmp_path / "ev" / "results.csv")
+    assert [(r["variant"], r["passes_per_step"]) for r in rows] == [  # counted UNet calls per step (DDIM: 2 steps)
+        ("dense", "1.0"), ("crdiff", "2.0"), ("crdiff/refresh2", "1.5"), ("crdiff@0:0.5", "1.5"),
+        ("crdiff@0.5:0.5", "1.0")]
+    paired = read_csv(tmp_path / "ev" / "paired.csv")
+    assert [(p["a"], p["b"]) for p in paired] == [("crdiff", "dense")] + [
+        (v, b) for v in ("crdiff/refresh2", "crdiff@0:0.5", "crdiff@0.5:0.5") for b in ("crdiff", "dense")]
+    assert "crdiff@0:0.5 (1.50 passes/step)" in (tmp_path / "ev" / "report.html").read_text()
+
+
 @pytest.mark.parametrize("name", ["tiny", "tiny-sdxl"])
 def test_images_are_bit_identical_to_generate(tmp_path, tiny_dirs, name):
     flags = ["--model", name, "--res", "64x48", "--prompts", str(prompts_file(tmp_path, PROMPTS[:2])),
@@ -105,8 +126,16 @@ def test_results_files_and_table(tmp_path, tiny_dirs):
     assert {r["image"] for r in records} == {f"images/{res}/{v}/{i}_{s}.png" for res in ("32x32", "48x32")
                                              for v in ("dense", "pruned", "crdiff") for i in range(3) for s in (0, 1)}
     rows = read_csv(out / "results.csv")
-    assert list(rows[0]) == ["resolution", "variant", "k", "ratios", "metric", "n", "mean", "std", "ci_low", "ci_high"]
+    assert list(rows[0]) == ["resolution", "variant", "k", "ratios", "metric", "n", "mean", "std", "ci_low", "ci_high",
+                             "passes_per_step"]
     assert len(rows) == 2 * 3
+    # the tiny model's default scheduler (PNDM) makes one more UNet step than asked: 3 calls for --steps 2
+    assert {(r["variant"], r["passes_per_step"]) for r in rows} == {("dense", "1.5"), ("pruned", "1.5"), ("crdiff", "3.0")}
+    timings = read_csv(out / "timings.csv")
+    assert {(t["resolution"], t["variant"], t["images"]) for t in timings} == {
+        (res, v, "6") for res in ("32x32", "48x32") for v in ("dense", "pruned", "crdiff")}
+    assert all(float(t["seconds_per_image"]) > 0 for t in timings)
+    assert {t["vs_dense"] for t in timings if t["variant"] == "dense"} == {"1.0"}
     for row in rows:
         scores = [r["score"] for r in records if (r["resolution"], r["variant"]) == (row["resolution"], row["variant"])]
         assert int(row["n"]) == 6 and float(row["mean"]) == pytest.approx(np.mean(scores))

@@ -154,6 +154,12 @@ BAD = {
     "dense and compare": (["--dense", "--compare"], "--compare"),
     "no images": (["--num-images", "0"], "--num-images"),
     "no steps": (["--steps", "0"], "--steps"),
+    "poa window reversed": (["--poa-interval", "0.5:0.2"], "--poa-interval 0.5:0.2 has START > STOP"),
+    "poa window beyond 1": (["--poa-interval", "0:1.5"], "--poa-interval 0:1.5 must be START:STOP"),
+    "poa window not a range": (["--poa-interval", "0.3"], "--poa-interval '0.3' is not START:STOP"),
+    "poa outside unknown": (["--poa-outside", "both"], "--poa-outside 'both' is not a pass"),
+    "poa refresh 0": (["--poa-refresh", "0"], "--poa-refresh 0 must be a whole number >= 1"),
+    "dense with a poa policy": (["--dense", "--poa-refresh", "2"], "--dense has none"),
 }
 
 

@@ -526,7 +526,7 @@ def test_help_fits_80_columns_and_flags_read_as_flags(command):
 def test_top_level_help_gives_each_command_a_whole_phrase():
     done = subprocess.run([str(CRDIFF), "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
     commands = done.stdout.split("Commands:", 1)[1].strip().splitlines()
-    assert len(commands) == 6 and all(line.rstrip().endswith(".") and "..." not in line for line in commands)
+    assert len(commands) == 7 and all(line.rstrip().endswith(".") and "..." not in line for line in commands)
 
 
 def test_trace_plots_the_score_rising_with_labelled_axes(tiny_dirs, tmp_path):

@@ -368,7 +368,7 @@ def test_live_view_on_and_off_a_terminal(full_run, terminal):
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=terminal, width=200, color_system=None)
     history = full_run[0].history
-    with SearchView(console, 10, False) as view:
+    with SearchView(console, 10) as view:
         for e in history:
             view.update(e)
     text = buffer.getvalue()

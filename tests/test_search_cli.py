@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.storage.journal import read_journal
 from helpers import invoke
 
@@ -69,6 +70,20 @@ def test_search_k_and_rules_through_the_cli(tiny_dirs, tmp_path):
     assert "Specific CR-Diff" in profile["source"]
 
 
+def test_search_window_anneals_where_poa_stops_and_the_profile_records_it(tiny_dirs, tmp_path):
+    result = invoke("search", *BASE, "--prompt", "a cube", "--iters", "3", "--k", "1.3", "--search-window",
+                    "--window-bounds", "0.25:1.0", "--scheduler", "ddim", "--out", tmp_path / "w.json")
+    assert result.exit_code == 0, result.output
+    profile = json.loads((tmp_path / "w.json").read_text())
+    header, entries, _ = read_journal(tmp_path / "w.journal.jsonl")
+    assert entries[0]["candidate"][3] == 1.0  # starts at full POA
+    assert all(len(e["candidate"]) == 4 and 0.25 <= e["candidate"][3] <= 1.0 for e in entries)
+    best = min(entries, key=lambda e: e["energy"])
+    assert PoaPolicy.from_dict(profile["poa"]) == PoaPolicy((0, best["candidate"][3]))
+    assert profile["k"] == 1.3 and profile["search"]["search_window"] and header["identity"]["search_window"]
+    assert "POA window 0:" in result.stdout
+
+
 def test_existing_outputs_need_resume_or_overwrite(tiny_dirs, tmp_path):
     args = ["search", *BASE, "--prompt", "a cube", "--iters", "1", "--out", tmp_path / "p.json"]
     assert invoke(*args).exit_code == 0
@@ -106,6 +121,8 @@ def test_existing_outputs_need_resume_or_overwrite(tiny_dirs, tmp_path):
     (["--k", "-1"], "--k -1"),
     (["--search-k", "--k", "2.5"], "outside --k-bounds"),
     (["--search-k", "--k-bounds", "2:1"], "LO < HI"),
+    (["--search-window"], "--search-window searches where POA runs; pass --k"),
+    (["--search-window", "--k", "1.2", "--window-bounds", "0:1.5"], "must lie within (0, 1]"),
     (["--res", "63x64"], "not a multiple of 8"),
     (["--masks", "both"], "--masks"),
     (["--dtype", "fp8"], "unknown dtype"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from crdiff_cli import __version__
-from crdiff_cli.cli.commands import bake, evaluate, generate, prune, search
+from crdiff_cli.cli.commands import bake, comfyui, evaluate, generate, prune, search
 from crdiff_cli.cli.shared import OneLineErrors, out
 
 # Plain click help (rich_markup_mode=None): two columns, flags without a value shown as bare flags, readable
@@ -43,6 +43,7 @@ app.command(short_help="Bake ratios and k into one artifact (safetensors or ONNX
 app.command(short_help="Text-to-image with CR-Diff (or dense, or from an artifact).")(generate.generate)
 app.command(short_help="Compare dense, pruned and CR-Diff images (Tables 7 and 8).")(evaluate.evaluate)
 app.command("profiles", short_help="List the built-in ratio profiles (Table 6).")(prune.profiles_cmd)
+app.command("comfyui", short_help="Add the CR-Diff nodes to a ComfyUI installation.")(comfyui.comfyui)
 
 
 def main() -> None:

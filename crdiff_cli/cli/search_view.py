@@ -21,8 +21,8 @@ def _vector(values) -> str:
 class SearchView:
     """Call :meth:`update` with each :class:`crdiff_cli.search.runner.SearchStep`; use as a context manager."""
 
-    def __init__(self, console: Console, iters: int, search_k: bool):
-        self.console, self.iters, self.search_k = console, iters, search_k
+    def __init__(self, console: Console, iters: int, label: str = "D/M/U"):
+        self.console, self.iters, self.label = console, iters, label  # label: the candidate's coordinates
         self.live = Live(console=console, auto_refresh=False, transient=False) if console.is_terminal else None
         self.computed = self.cached = self.failed = 0
         self.started = time.monotonic()
@@ -50,10 +50,9 @@ class SearchView:
     def _facts(self, e) -> dict[str, str]:
         r, s = e.record, e.record.state
         step = f"seed {r.iteration + 1}" if r.kind == "seed" else f"{r.iteration}/{self.iters} ({r.kind})"
-        label = "D/M/U/k" if self.search_k else "D/M/U"
         outcome = f"{-r.energy:.4f}" + (" cached" if e.cached else "") + (f" FAILED: {e.error}" if e.error else "")
         return {"iteration": step, "T": f"{r.t:.5f}",
-                "candidate": f"{label} {_vector(r.candidate)} -> score {outcome}",
+                "candidate": f"{self.label} {_vector(r.candidate)} -> score {outcome}",
                 "current": f"{_vector(s.current)}  score {-s.e_current:.4f}" + ("" if r.accepted else "  (rejected)"),
                 "best": f"{_vector(s.best)}  score {-s.e_best:.4f}",
                 "evaluations": f"{self.computed} scored, {self.cached} cached, {self.failed} failed, "

@@ -48,6 +48,22 @@ CONTROL_SCALE_OPTION = typer.Option(1.0, "--control-scale", help=CONTROL_SCALE_H
 INIT_IMAGE_OPTION = typer.Option(None, "--init-image", help=INIT_IMAGE_HELP)
 STRENGTH_OPTION = typer.Option(None, "--strength", help=STRENGTH_HELP)
 MASK_IMAGE_OPTION = typer.Option(None, "--mask-image", help=MASK_IMAGE_HELP)
+POA_INTERVAL_OPTION = typer.Option(None, "--poa-interval", metavar="START:STOP", help=(
+    "Both passes only in this part of the steps (fractions from the noise end; 0:0.3 = first 30%). Default "
+    "0:1 (all)."))
+POA_OUTSIDE_OPTION = typer.Option(None, "--poa-outside", metavar="dense|pruned", help=(
+    "The one pass outside --poa-interval (default dense)."))
+POA_REFRESH_OPTION = typer.Option(None, "--poa-refresh", metavar="N", help=(
+    "Both passes every N-th step; between, one pass + the last difference. Default 1."))
+
+
+def poa_policy(interval: str | None, outside: str | None, refresh: int | None, default=None):
+    """The POA policy the ``--poa-*`` flags ask for; flags left out keep ``default``'s (full CR-Diff if None)."""
+    from crdiff_cli.dual.poa_policy import PoaPolicy
+
+    base = default or PoaPolicy()
+    return PoaPolicy.parse(base.interval_text() if interval is None else interval,
+                           base.outside if outside is None else outside, base.refresh if refresh is None else refresh)
 
 
 def command(fn):

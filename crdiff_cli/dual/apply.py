@@ -16,6 +16,7 @@ from torch import nn
 
 from crdiff_cli import defaults
 from crdiff_cli.dual.options import check_k, check_masks
+from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.dual.unet import DualUNet, attached_dual
 from crdiff_cli.errors import ParameterError
 from crdiff_cli.pruning.family import detect_family
@@ -30,7 +31,7 @@ RATIO_TEXT = re.compile(r"^\s*[0-9.eE+-]+\s*/\s*[0-9.eE+-]+\s*/\s*[0-9.eE+-]+\s*
 
 def apply_crdiff(pipe_or_unet, ratios: PruneSpec | Ratios | Profile | str | None = None, *, k: float = defaults.K,
                  masks: str = defaults.MASKS, resolution: Resolution | str | None = None,
-                 target_filter: TargetFilter | None = None) -> DualUNet:
+                 target_filter: TargetFilter | None = None, poa: PoaPolicy | None = None) -> DualUNet:
     """Apply CR-Diff: the UNet's pruned twin, combined with it by POA, ``e = e_d + k (e_p - e_d)``.
 
     ``pipe_or_unet``: a diffusers pipeline (its ``unet`` is replaced) or a UNet (use the returned module).
@@ -39,7 +40,9 @@ def apply_crdiff(pipe_or_unet, ratios: PruneSpec | Ratios | Profile | str | None
     profile for the model's family nearest to that HEIGHTxWIDTH (a warning says when it is not exact).
     ``k``: 0 dense, 1 pruned, > 1 amplified (default 1.5). ``masks``: ``"copy"`` (fast, +23% of an SD1.5
     UNet) or ``"on-the-fly"`` (no extra memory). ``target_filter(name, module) -> group or None`` chooses
-    the target layers for UNets laid out differently (default: crdiff's rule).
+    the target layers for UNets laid out differently (default: crdiff's rule). ``poa``: a
+    :class:`~crdiff_cli.dual.poa_policy.PoaPolicy` running both passes on part of the steps only (default:
+    every step); it reads the steps from the pipeline's scheduler, so pass the pipeline, not its UNet.
 
     The thresholds are taken on the weights as they are now: apply after fusing a LoRA. Returns the
     :class:`DualUNet` (``.k`` can be changed between calls; ``.set_spec`` switches ratios).
@@ -55,9 +58,10 @@ def apply_crdiff(pipe_or_unet, ratios: PruneSpec | Ratios | Profile | str | None
                                                                       target_filter=target_filter)
     if previous is not None:  # only now: a refused new setting leaves the previous one in place
         previous.release()
-    dual = DualUNet(unet, spec, k=k, masks=masks)
+    dual = DualUNet(unet, spec, k=k, masks=masks, poa=poa)
     if _is_pipeline(pipe_or_unet):
         pipe_or_unet.unet = dual
+        dual.poa.bind(pipe_or_unet)
     return dual
 
 

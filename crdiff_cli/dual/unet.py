@@ -24,6 +24,9 @@ one that notices. A weight moved to another dtype after attaching is refused (th
 dtype they were taken in). One pruned pass at a time: the weights are swapped in place, so the dual UNet
 refuses a second concurrent call instead of mixing the two passes' weights.
 
+A POA policy (:mod:`crdiff_cli.dual.poa_policy`, carried out by :attr:`DualUNet.poa`) can run both passes
+on part of the steps only; the default runs them at every step.
+
 Exactness: the combination uses ``torch.lerp``, which returns ``e_d`` exactly at ``k = 0``, ``e_p``
 exactly at ``k = 1`` and ``e_d`` exactly when both branches agree; ``k = 0`` and ``k = 1`` also skip the
 branch whose weight is zero.
@@ -43,6 +46,8 @@ from torch import nn
 
 from crdiff_cli import defaults
 from crdiff_cli.dual.options import check_k, check_masks
+from crdiff_cli.dual.poa_policy import PoaPolicy
+from crdiff_cli.dual.poa_steps import PoaSteps
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pruning.spec import PruneSpec, check_matches, pruned_weight
 
@@ -150,7 +155,8 @@ class DualUNet(ModelMixin):
     that folder gives the same dual UNet back (see :meth:`from_pretrained`).
     """
 
-    def __init__(self, unet: nn.Module, spec: PruneSpec, k: float = defaults.K, masks: str = defaults.MASKS):
+    def __init__(self, unet: nn.Module, spec: PruneSpec, k: float = defaults.K, masks: str = defaults.MASKS,
+                 poa: PoaPolicy | None = None):
         super().__init__()
         check_masks(masks)
         check_k(k)
@@ -163,6 +169,7 @@ class DualUNet(ModelMixin):
         self._branch = Branch()
         self._busy = threading.Lock()  # held for a pruned pass: the weights are swapped in place
         self._released = False
+        self.passes = 0  # UNet passes run so far (a step with both passes counts 2): what a policy saves, counted
         self._hooks: list = []
         groups = _checked_targets(unet, spec)  # refuse a wrong spec before any change
         targets = [(group, name, w) for group, weights in groups.items() for name, w in weights]
@@ -176,6 +183,7 @@ class DualUNet(ModelMixin):
         unet.__dict__[_ATTACHED] = weakref.ref(self)
         self.spec: PruneSpec | None = None
         self.set_spec(spec)
+        self.poa = PoaSteps(poa)
 
     def _pre_hook(self, target: _Target):
         def swap(*_):
@@ -206,20 +214,32 @@ class DualUNet(ModelMixin):
 
     def forward(self, *args, **kwargs):
         self._check_attached()
-        if self.k == 0 or all(t is None for t in self.spec.thresholds().values()):
+        if all(t is None for t in self.spec.thresholds().values()):
+            self.passes += 1
             return self.unet(*args, **kwargs)
-        if self.k == 1:
-            return self._pruned(*args, **kwargs)
+        kind, step = self.poa.plan(kwargs["timestep"] if "timestep" in kwargs else args[1], self.k)
+        if kind == "both" and self.k in (0, 1):  # lerp's result is one branch: run only that one
+            kind = "dense" if self.k == 0 else "pruned"
+        self.passes += 2 if kind == "both" else 1
+        if kind in ("dense", "cached-dense"):
+            out = self.unet(*args, **kwargs)
+        elif kind in ("pruned", "cached-pruned"):
+            out = self._pruned(*args, **kwargs)
+        else:
+            return self._both(step, *args, **kwargs)
+        if kind.startswith("cached-"):
+            return _set_sample(out, self.poa.from_cache(_sample_of(out), self.k, kind))
+        return out
+
+    def _both(self, step: int, *args, **kwargs):
         # Both passes get the same inputs. The UNet consumes list arguments in place (T2I-Adapter residuals
         # are popped from ``down_intrablock_additional_residuals``), so the pruned pass gets its own lists;
         # the tensors themselves (ControlNet residuals included) are shared, never recomputed.
         pruned_kwargs = {name: list(v) if isinstance(v, list) else v for name, v in kwargs.items()}
         dense = self.unet(*args, **kwargs)
         pruned = self._pruned(*args, **pruned_kwargs)
-        if isinstance(dense, tuple):
-            return (torch.lerp(dense[0], pruned[0], self.k), *dense[1:])
-        dense.sample = torch.lerp(dense.sample, pruned.sample, self.k)
-        return dense
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        return _set_sample(dense, self.poa.combine(_sample_of(dense), _sample_of(pruned), self.k, step, timestep))
 
     def _pruned(self, *args, **kwargs):
         if not self._busy.acquire(blocking=False):
@@ -258,7 +278,8 @@ class DualUNet(ModelMixin):
 
     def settings(self) -> dict:
         """What :meth:`save_pretrained` writes beside the dense UNet: enough to attach the same dual UNet again."""
-        return {"format": SETTINGS_FORMAT, "k": self.k, "masks": self.masks, "spec": self.spec.to_dict()}
+        return {"format": SETTINGS_FORMAT, "k": self.k, "masks": self.masks, "spec": self.spec.to_dict(),
+                "poa": self.poa.policy.to_dict()}
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, save_function=None,
                         safe_serialization: bool = True, variant: str | None = None, max_shard_size="10GB",
@@ -309,7 +330,7 @@ class DualUNet(ModelMixin):
         if spec.thresholds() != saved.thresholds():
             raise CrdiffError(f"the UNet in {folder} gives other thresholds than {SETTINGS_FILE} records "
                               f"({spec.thresholds()} vs {saved.thresholds()}); load it in the dtype it was saved in")
-        return cls(unet, spec, k=settings["k"], masks=settings["masks"])
+        return cls(unet, spec, k=settings["k"], masks=settings["masks"], poa=PoaPolicy.from_dict(settings.get("poa")))
 
     def __getattr__(self, name: str):
         # Pipelines read unet.config, unet.add_embedding, ...: serve them from the dense UNet. Private names
@@ -320,6 +341,18 @@ class DualUNet(ModelMixin):
             if name.startswith("_"):
                 raise
             return getattr(nn.Module.__getattr__(self, "unet"), name)
+
+
+def _sample_of(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def _set_sample(output, sample: torch.Tensor):
+    """``output`` (a UNet's tuple or output object) with its sample replaced."""
+    if isinstance(output, tuple):
+        return (sample, *output[1:])
+    output.sample = sample
+    return output
 
 
 def _checked_targets(unet: nn.Module, spec: PruneSpec) -> dict[str, list[tuple[str, nn.Parameter]]]:

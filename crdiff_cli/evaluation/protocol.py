@@ -23,12 +23,14 @@ batch size 1; on a GPU a batch shares its calls (faster, rounded differently fro
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from crdiff_cli import defaults
+from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.errors import CrdiffError, ParameterError
 from crdiff_cli.pruning.resolution import Resolution
 
@@ -50,7 +52,7 @@ class WorkItem:
     @property
     def image(self) -> str:
         """Path of the PNG relative to the output folder."""
-        return f"images/{self.resolution}/{self.variant}/{self.prompt_index}_{self.seed}.png"
+        return f"images/{self.resolution}/{variant_folder(self.variant)}/{self.prompt_index}_{self.seed}.png"
 
     def key(self, metric: str | None) -> tuple:
         return (str(self.resolution), self.variant, self.prompt_index, self.seed, metric)
@@ -75,13 +77,28 @@ def batches(items: list[WorkItem], size: int) -> list[list[WorkItem]]:
 
 
 def parse_variants(text: str) -> list[str]:
+    """The variants ``--variants`` names: dense, pruned, crdiff, and CR-Diff under a POA policy
+    (``crdiff@0:0.3``, ``crdiff/refresh4``; see :meth:`~crdiff_cli.dual.poa_policy.PoaPolicy.from_label`),
+    written canonically, the fixed ones first, the policies in the order given."""
     variants = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS and not v.startswith("crdiff")]
     if unknown or not variants:
-        raise CrdiffError(f"--variants {text!r}: choose from {', '.join(VARIANTS)} (comma-separated)")
+        raise CrdiffError(f"--variants {text!r}: choose from {', '.join(VARIANTS)} or crdiff@START:STOP, "
+                          "crdiff/refreshN (comma-separated)")
+    variants = [v if v in VARIANTS else "crdiff" + variant_policy(v).label() for v in variants]
     if len(set(variants)) != len(variants):
         raise CrdiffError(f"--variants {text!r} names a variant twice")
-    return [v for v in VARIANTS if v in variants]
+    return [v for v in VARIANTS if v in variants] + [v for v in variants if v not in VARIANTS]
+
+
+def variant_policy(variant: str) -> PoaPolicy:
+    """The POA policy of a CR-Diff variant (full POA for ``crdiff``, dense and pruned)."""
+    return PoaPolicy.from_label(variant.removeprefix("crdiff")) if variant.startswith("crdiff") else PoaPolicy()
+
+
+def variant_folder(variant: str) -> str:
+    """A file-name-safe folder for a variant's images (``crdiff@0:0.3/refresh4`` -> ``crdiff@0-0.3_refresh4``)."""
+    return variant.replace(":", "-").replace("/", "_")
 
 
 def read_prompt_source(path: Path, coco_sample: str | None = None, reference_images: Path | None = None) -> list[str]:
@@ -180,10 +197,11 @@ class Evaluation:
         self.prompts, self.k, self.metrics, self.out_dir, self.masks = prompts, k, metrics, out_dir, masks
         self.specs = {res: PruneSpec.from_unet(loaded.unet, choice.ratios) for res, choice in ratio_choices.items()}
         self.dual = apply_crdiff(loaded.pipe, next(iter(self.specs.values())), k=k, masks=masks)
+        self.seconds: dict[tuple[str, str], list[float]] = {}  # wall seconds per image made here, by (res, variant)
         set_scheduler(self.pipe, next(iter(settings.values())).scheduler)
 
     def variant_k(self, variant: str) -> float:
-        return {"dense": 0.0, "pruned": 1.0, "crdiff": self.k}[variant]
+        return {"dense": 0.0, "pruned": 1.0}.get(variant, self.k)
 
     def image_info(self, resolution: Resolution, variant: str) -> dict:
         """The PNG's model fields, exactly as `crdiff generate --dense / --k 1 / --k K` writes them."""
@@ -192,7 +210,7 @@ class Evaluation:
         if variant == "dense":
             return {**self.model_info, "mode": "dense", "k": 0.0}
         return {**self.model_info, **crdiff_info(self.choices[resolution], self.specs[resolution],
-                                                 self.variant_k(variant), self.masks)}
+                                                 self.variant_k(variant), self.masks, variant_policy(variant))}
 
     def produce(self, batch: list[WorkItem], on_step: Callable[[], None] | None = None) -> tuple[list, list[dict]]:
         """Generate and score one batch: ``([(image path, PNG bytes)], one record per (item, per-image metric))``."""
@@ -203,11 +221,16 @@ class Evaluation:
         settings = self.settings[first.resolution]
         self.dual.set_spec(self.specs[first.resolution])
         self.dual.k = self.variant_k(first.variant)
+        self.dual.poa.policy = variant_policy(first.variant)
         prompts = [self.prompts[item.prompt_index] for item in batch]
-        images, scores = [], {m.spec.name: [] for m in self.metrics}
+        images, scores, passes = [], {m.spec.name: [] for m in self.metrics}, []
+        timed = self.seconds.setdefault((str(first.resolution), first.variant), [])
         for call in model_calls(batch, self.pipe.device.type):
             call_prompts = [self.prompts[item.prompt_index] for item in call]
+            start, passes_before = time.perf_counter(), self.dual.passes
             call_images = generate_images(self.pipe, call_prompts, [item.seed for item in call], settings, on_step)
+            timed += [(time.perf_counter() - start) / len(call)] * len(call)
+            passes += [self.dual.passes - passes_before] * len(call)  # a batched call's passes serve every image
             for metric in self.metrics:
                 scores[metric.spec.name].extend(metric.score(call_images, call_prompts))
             images.extend(call_images)
@@ -217,7 +240,7 @@ class Evaluation:
         records = []
         for i, item in enumerate(batch):
             base = {"resolution": str(item.resolution), "variant": item.variant, "prompt_index": item.prompt_index,
-                    "seed": item.seed, "image": item.image}
+                    "seed": item.seed, "image": item.image, "unet_passes": passes[i]}
             if not scores:  # FID only: the record says the image is done
                 records.append({**base, "metric": None, "score": None})
             records.extend({**base, "metric": name, "score": values[i]} for name, values in scores.items())
@@ -350,7 +373,7 @@ def start(*, model: str, identity: dict, settings: dict, prompts: list[str], spe
 
 
 def finish(session: Session, items: list[WorkItem], variants: list[str], resolutions: list[Resolution]):
-    """FID, summaries, paired comparisons; writes results.csv/json, paired.csv and report.html."""
+    """FID, summaries, paired comparisons; writes results.csv/json, paired.csv, timings.csv and report.html."""
     from crdiff_cli.evaluation import report as eval_report, results as eval_results
 
     ev = session.evaluation
@@ -365,10 +388,11 @@ def finish(session: Session, items: list[WorkItem], variants: list[str], resolut
             for res in resolutions for v in variants}
     names = [str(r) for r in resolutions]
     results = eval_results.compute(session.records, specs=session.specs, resolutions=names, variants=variants,
-                                   variant_info=info, fid=fid)
+                                   variant_info=info, fid=fid, steps={str(r): ev.settings[r].steps for r in resolutions})
     run_info = {**session.identity, "ratios_used": {str(r): str(c.ratios) for r, c in ev.choices.items()},
                 "scorers": {m.spec.name: m.scorer.name for m in ev.metrics}}  # e.g. which aesthetic predictor
     eval_results.write(session.out_dir, results, run_info)
+    eval_results.write_text(session.out_dir / eval_results.TIMINGS_CSV, eval_results.timings_csv(ev.seconds))
     page = eval_report.render(title=f"crdiff evaluate: {session.identity['model']}", run=run_info,
                               results=results, records=session.records, specs=session.specs, variants=variants,
                               resolutions=names, prompts=ev.prompts)

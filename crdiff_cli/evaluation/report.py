@@ -18,6 +18,15 @@ td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4
 .row{display:flex;gap:10px;flex-wrap:wrap}figure{margin:0;text-align:center}figcaption{font-size:12px}
 img{max-width:256px;min-width:96px;image-rendering:auto}small{color:#666}"""
 COLORS = {"dense": "#8c8c8c", "pruned": "#4c78a8", "crdiff": "#e45756"}
+POLICY_COLORS = ("#f58518", "#54a24b", "#b279a2", "#eeca3b", "#72b7b2", "#9d755d")  # POA policy variants, in order
+
+
+def color_of(variant: str, variants: list[str]) -> str:
+    """A variant's bar colour: fixed for dense / pruned / crdiff, one of POLICY_COLORS per policy variant."""
+    if variant in COLORS:
+        return COLORS[variant]
+    policies = [v for v in variants if v not in COLORS]
+    return POLICY_COLORS[policies.index(variant) % len(POLICY_COLORS)] if variant in policies else "#000"
 # The paper's Table 7 (CR-Diff - pruned, 13 model x resolution rows): in how many rows CR-Diff did better
 # (FID: lower), equal, and worse. Read off the table printed in docs/evaluate.md.
 PAPER_TABLE7 = {"fid": (11, 0, 2), "clip": (11, 2, 0), "imagereward": (13, 0, 0), "pickscore": (11, 0, 2),
@@ -82,7 +91,7 @@ def _chart(rows, spec, variants, resolutions) -> str:
             x += 12
             group_start = x
         top, zero = y(max(r["mean"], 0)), y(min(r["mean"], 0))
-        parts.append(f"<rect x={x} y={top:.1f} width={bar} height={max(zero - top, 0.5):.1f} fill='{COLORS[v]}'>"
+        parts.append(f"<rect x={x} y={top:.1f} width={bar} height={max(zero - top, 0.5):.1f} fill='{color_of(v, variants)}'>"
                      f"<title>{escape(res)} {escape(v)}: {_fmt(r['mean'])}</title></rect>")
         if r["ci_low"] is not None:
             cx = x + bar / 2
@@ -221,7 +230,9 @@ def render(*, title: str, run: dict, results, records: list[dict], specs, varian
     """The whole page as a string."""
     charts = "".join(_chart(results.rows, s, variants, resolutions) for s in specs)
     forests = "".join(_forest(results.paired, s) for s in specs)
-    legend = " ".join(f"<span style='color:{COLORS[v]}'>■</span> {escape(v)}" for v in variants)
+    costs = {r["variant"]: r.get("passes_per_step") for r in results.rows}
+    legend = " ".join(f"<span style='color:{color_of(v, variants)}'>■</span> {escape(v)}"
+                      + (f" ({costs[v]:.2f} passes/step)" if costs.get(v) is not None else "") for v in variants)
     paired = (f"<h2>Paired differences, 95% intervals</h2><p><small>CR-Diff minus the other variant, image by "
               f"image (same prompt and seed): an interval clear of the dashed zero line is a difference the run "
               f"measured; the paper's direction is shown per metric.</small></p><div>{forests}</div>"

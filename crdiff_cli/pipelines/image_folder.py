@@ -1,8 +1,8 @@
 """What makes a folder a ``crdiff generate`` output, so ``--out`` never mixes runs or deletes a user's files.
 
 Every PNG crdiff writes carries a ``crdiff`` text chunk (its generation parameters), and the folder's
-``manifest.json`` names ``crdiff-images/1``. A folder holding only such files (and crdiff's own
-staging) is a previous output: ``--overwrite`` empties it before the new run writes there. Anything
+``manifest.json`` names ``crdiff-images/1`` (a ``--trace-poa`` run's ``poa_trace.json`` names its own
+format). A folder holding only such files (and crdiff's own staging) is a previous output: ``--overwrite`` empties it before the new run writes there. Anything
 else in it (a user's photo, notes) makes it someone else's folder, which crdiff refuses to touch.
 """
 
@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from crdiff_cli.pipelines.images import MANIFEST
+from crdiff_cli.pipelines.poa_trace_file import FORMAT as TRACE_FORMAT, TRACE_JSON
 from crdiff_cli.storage.atomic import OutputKind, clean_stale, is_staging, json_marker
 
 
@@ -39,6 +40,8 @@ def _is_manifest(path: Path) -> bool:
 def _is_ours(entry: Path) -> bool:
     if entry.name == MANIFEST:
         return _is_manifest(entry)
+    if entry.name == TRACE_JSON:
+        return json_marker(entry, TRACE_FORMAT)
     if is_staging(entry.name):
         return True
     return entry.is_file() and entry.suffix.lower() == ".png" and is_crdiff_png(entry)

@@ -34,10 +34,13 @@ class ImageRecord:
     params: dict = field(default_factory=dict)
 
 
-def crdiff_info(choice, spec, k: float, masks: str) -> dict:
-    """The model-info fields of a CR-Diff image (PNG ``crdiff`` chunk): k, ratios, where they came from."""
+def crdiff_info(choice, spec, k: float, masks: str, policy=None) -> dict:
+    """The model-info fields of a CR-Diff image (PNG ``crdiff`` chunk): k, ratios, where they came from, and
+    the POA policy (``None``: full CR-Diff)."""
+    from crdiff_cli.dual.poa_policy import PoaPolicy
+
     return dict(mode="crdiff", k=k, ratios=str(choice.ratios), ratios_origin=choice.origin,
-                thresholds=spec.thresholds(), masks=masks)
+                thresholds=spec.thresholds(), masks=masks, poa=(policy or PoaPolicy()).to_dict())
 
 
 def image_params(prompt: str, seed: int, settings: GenerationSettings, model_info: dict) -> dict:

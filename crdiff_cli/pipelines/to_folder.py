@@ -9,6 +9,7 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
+from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
 from crdiff_cli.pipelines.images import (ImageRecord, compare_grid, image_params, png_bytes, save_png, write_file,
                                          write_manifest)
@@ -22,8 +23,8 @@ def generate_to_folder(pipe, prompts: list[str], seeds: list[int], settings: Gen
 
     The caller applies ``settings.scheduler`` first (:func:`~crdiff_cli.pipelines.schedulers.set_scheduler`).
     ``dual`` is the pipeline's DualUNet (None for a dense run, or for an ONNX artifact: ``model_info["mode"]``
-    names the variant); the dense image of a comparison is made with the same DualUNet at k = 0, which is the
-    dense model bit for bit.
+    names the variant); the dense image of a comparison is made with the same DualUNet at k = 0 and full POA,
+    which is the dense model bit for bit.
 
     Each (prompt, seed) is one work item, encoded to PNG bytes where it is made; with ``ranks`` (a
     :class:`crdiff_cli.runtime.distributed.Ranks` under torchrun) the items are split across ranks and rank 0
@@ -44,16 +45,21 @@ def generate_to_folder(pipe, prompts: list[str], seeds: list[int], settings: Gen
         params = image_params(prompt, seed, settings, info)
         return png_bytes(image, params), ImageRecord(name, index, prompt, seed, kind, params)
 
+    trace = getattr(getattr(pipe.unet, "poa", None), "trace", None)  # generate --trace-poa
+
     def make(item) -> list[tuple[bytes, ImageRecord]]:
         index, prompt, seed = item
+        if trace is not None:
+            trace.label = f"{index}_{seed}"
         made = [encoded(generate_image(pipe, prompt, seed, settings, on_step), index, prompt, seed, variant,
                         model_info)]
-        if compare and dual is not None:
-            k, dual.k = dual.k, 0.0
+        if compare and dual is not None:  # k = 0 under full POA: the dense model (a policy may run pruned passes)
+            k, policy = dual.k, dual.poa.policy
+            dual.k, dual.poa.policy = 0.0, PoaPolicy()
             try:
                 dense = generate_image(pipe, prompt, seed, settings, on_step)
             finally:
-                dual.k = k
+                dual.k, dual.poa.policy = k, policy
             made.append(encoded(dense, index, prompt, seed, "dense", {**model_info, "mode": "dense", "k": 0.0}))
         return made
 

@@ -6,7 +6,8 @@ loaded pipeline. The models are loaded once: the per-group magnitude statistics 
 make nearby ratios a lookup), and each candidate only changes three thresholds that the
 :class:`~crdiff_cli.dual.unet.DualUNet` re-applies to the groups that changed — no reload, no copy of
 the UNet. The reference objective scores the pruned model alone (``k = 1``); ``k`` gives POA scoring
-and ``search_k`` anneals k as a fourth coordinate.
+and ``search_k`` anneals k as a fourth coordinate; ``search_window`` anneals the end of the POA window
+(POA on the first part of the steps only, dense after) as one more.
 
 Every annealer step is journaled (:mod:`crdiff_cli.storage.journal`) with its full state, so a killed search
 resumes exactly; candidates equal to 4 decimals (the reference's cache key) are scored once, and the
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from crdiff_cli import __version__, defaults
 from crdiff_cli.dual.options import check_k
+from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
 from crdiff_cli.pipelines.schedulers import set_scheduler
@@ -42,6 +44,8 @@ REFERENCE_NEGATIVE_PROMPT = ""  # the reference's search passes "" (for SDXL, ""
 CACHE_DECIMALS = 4  # the reference's score cache is keyed by the ratios rounded to 4 decimals
 DEFAULT_K_BOUNDS = (1.0, 2.0)  # --search-k: around the reference default 1.5 and the 1.2 of the paper's examples
 DEFAULT_K_START = defaults.K
+DEFAULT_WINDOW_BOUNDS = (0.1, 1.0)  # --search-window: STOP of a 0:STOP window; 1.0 is full POA
+DEFAULT_WINDOW_START = 1.0
 
 
 def prompts_sha256(prompts: list[str] | tuple[str, ...]) -> str:
@@ -68,10 +72,22 @@ def k_search_config(config: AnnealConfig, k_bounds: tuple[float, float] = DEFAUL
     k's step scale is its range over the ratios' range, so one temperature-scaled step moves k by the
     same fraction of its range as it moves a ratio (with [1, 2] vs [0.1, 0.8]: about 1.43x).
     """
+    return with_coordinate(config, k_bounds, k_start)
+
+
+def window_search_config(config: AnnealConfig, bounds: tuple[float, float] = DEFAULT_WINDOW_BOUNDS,
+                         start: float = DEFAULT_WINDOW_START) -> AnnealConfig:
+    """``config`` with the POA window's STOP (window ``0:STOP``) appended as the last coordinate."""
+    return with_coordinate(config, bounds, start)
+
+
+def with_coordinate(config: AnnealConfig, bounds: tuple[float, float], start: float) -> AnnealConfig:
+    """``config`` with one more coordinate appended to every seed, bound and step scale; its step scale is its
+    range over the ratios' range, so one temperature-scaled step moves it by the same fraction of its range."""
     lo, hi = config.bounds[0]
-    scale = (k_bounds[1] - k_bounds[0]) / (hi - lo)
-    return replace(config, seeds=tuple((*s[:3], k_start) for s in config.seeds),
-                   bounds=(*config.bounds[:3], tuple(k_bounds)), step_scale=(*config.step_scale[:3], scale))
+    scale = (bounds[1] - bounds[0]) / (hi - lo)
+    return replace(config, seeds=tuple((*s, start) for s in config.seeds), bounds=(*config.bounds, tuple(bounds)),
+                   step_scale=(*config.step_scale, scale))
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,7 @@ class SearchPlan:
     k: float | None = None
     search_k: bool = False
     fail_score: float = REFERENCE_FAIL_SCORE
+    search_window: bool = False
     model: str | None = None
     dtype: str | None = None
     scorer: str | None = None
@@ -105,9 +122,13 @@ class SearchPlan:
             if self.search_k:
                 raise CrdiffError("k is annealed with search_k: set its start with k_search_config, not k")
             check_k(self.k)
-        if len(self.config.bounds) != (4 if self.search_k else 3):
-            raise CrdiffError(f"the anneal config has {len(self.config.bounds)} coordinates; a search over ratios "
-                              f"{'and k ' if self.search_k else ''}needs {4 if self.search_k else 3}")
+        if self.search_window and self.k is None and not self.search_k:
+            raise CrdiffError("a POA window needs POA: pass k (or search_k) with search_window")
+        wanted = 3 + self.search_k + self.search_window
+        if len(self.config.bounds) != wanted:
+            extra = " and ".join(n for n, on in (("k", self.search_k), ("the POA window", self.search_window)) if on)
+            raise CrdiffError(f"the anneal config has {len(self.config.bounds)} coordinates; a search over ratios"
+                              f"{' and ' + extra if extra else ''} needs {wanted}")
 
     def bind(self, loaded, scorer) -> "SearchPlan":
         """Fill the labels left as None from the loaded model and scorer."""
@@ -122,13 +143,14 @@ class SearchPlan:
                 "guidance": s.guidance, "negative_prompt": s.negative_prompt, "scheduler": s.scheduler,
                 "prompts": len(self.prompts), "prompts_sha256": prompts_sha256(self.prompts),
                 "image_seeds": list(self.image_seeds), "scorer": self.scorer, "k": self.k, "search_k": self.search_k,
-                "fail_score": self.fail_score,
+                "fail_score": self.fail_score, **({"search_window": True} if self.search_window else {}),
                 "anneal": json.loads(json.dumps(asdict(self.config)))}  # tuples as lists, as in the journal
 
-    def decode(self, candidate: tuple[float, ...]) -> tuple[Ratios, float]:
-        """A candidate vector -> (ratios, the POA k its images are generated with)."""
+    def decode(self, candidate: tuple[float, ...]) -> tuple[Ratios, float, PoaPolicy]:
+        """A candidate vector -> (ratios, the POA k and the POA policy its images are generated with)."""
         k = candidate[3] if self.search_k else (1.0 if self.k is None else self.k)
-        return Ratios(*candidate[:3]), float(k)
+        policy = PoaPolicy((0.0, candidate[-1])) if self.search_window else PoaPolicy()
+        return Ratios(*candidate[:3]), float(k), policy
 
 
 @dataclass(frozen=True)
@@ -171,6 +193,7 @@ class SearchResult:
     family: str
     ratios: Ratios
     k: float  # the POA k the best score was measured with (1.0 = pruned model alone)
+    poa: PoaPolicy  # the POA policy it was measured with (full POA unless the window was searched)
     score: float
     stop_reason: str
     history: tuple[SearchStep, ...]
@@ -189,14 +212,16 @@ class SearchResult:
         plan, config = self.plan, self.plan.config
         identity = plan.identity()
         profile_k = self.k if plan.search_k else plan.k  # None: searched without POA, choose k when generating
-        extra = {"score": self.score, "k": profile_k, "scored_k": self.k, "scorer": plan.scorer,
+        extra = {"score": self.score, "k": profile_k, "scored_k": self.k,
+                 **({"poa": self.poa.to_dict()} if plan.search_window else {}), "scorer": plan.scorer,
                  "steps": plan.settings.steps, "prompts": len(plan.prompts), "prompts_sha256": identity["prompts_sha256"],
                  "model": plan.model, "search": {
                      "iterations": self.history[-1].record.state.iteration, "evaluations": len(self.history),
                      "computed": self.computed, "failures": self.failures, "stop_reason": self.stop_reason,
                      "seed": config.seed, "image_seeds": list(plan.image_seeds), "guidance": plan.settings.guidance,
                      "scheduler": plan.settings.scheduler, "negative_prompt": plan.settings.negative_prompt,
-                     "dtype": plan.dtype, "search_k": plan.search_k, "fail_score": plan.fail_score,
+                     "dtype": plan.dtype, "search_k": plan.search_k, "search_window": plan.search_window,
+                     "fail_score": plan.fail_score,
                      "anneal": identity["anneal"], "crdiff_version": __version__}}
         what = "one prompt (Specific CR-Diff)" if len(plan.prompts) == 1 else f"{len(plan.prompts)} prompts"
         return Profile(name=name, family=self.family, resolution=plan.settings.resolution, ratios=self.ratios,
@@ -236,9 +261,10 @@ class _Evaluator:
         pairs = [(p, s) for p in plan.prompts for s in plan.image_seeds]
         t0 = clock()
         try:
-            ratios, k = plan.decode(candidate)
+            ratios, k, policy = plan.decode(candidate)
             self.dual.set_spec(self.stats.spec(ratios))
             self.dual.k = k
+            self.dual.poa.policy = policy
             results = None
         except Exception as exc:  # noqa: BLE001 - one bad candidate must not end a long search
             results = [(plan.fail_score, _error_text(exc))] * len(pairs)
@@ -317,8 +343,8 @@ def search(loaded, scorer, plan: SearchPlan, *, journal: Path | None = None, res
     finally:
         if writer is not None:
             writer.close()
-    ratios, k = plan.decode(state.best)
-    return SearchResult(plan, loaded.family, ratios, k, -state.e_best, state.stop_reason, tuple(history))
+    ratios, k, policy = plan.decode(state.best)
+    return SearchResult(plan, loaded.family, ratios, k, policy, -state.e_best, state.stop_reason, tuple(history))
 
 
 def _anneal_resident(loaded, scorer, plan: SearchPlan, history: list[SearchStep], state: AnnealState | None,

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from crdiff_cli import defaults
-from crdiff_cli.cli.shared import LORA_HELP, MODEL_HELP, PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, warn
+from crdiff_cli.cli.shared import (LORA_HELP, MODEL_HELP, POA_INTERVAL_OPTION, POA_OUTSIDE_OPTION, POA_REFRESH_OPTION,
+                                   PROFILE_HELP, RATIOS_HELP, RES_HELP, command, err, out, poa_policy, warn)
 from crdiff_cli.errors import CrdiffError
 
 
@@ -23,6 +24,9 @@ def bake(
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
     k: float = typer.Option(defaults.K, "--k", help="POA coefficient folded into the artifact: e = e_dense + k "
                             "(e_pruned - e_dense)."),
+    poa_interval: Optional[str] = POA_INTERVAL_OPTION,
+    poa_outside: Optional[str] = POA_OUTSIDE_OPTION,
+    poa_refresh: Optional[int] = POA_REFRESH_OPTION,
     fmt: Optional[str] = typer.Option(None, "--format", help="safetensors or onnx (default: from the --out suffix)."),
     dtype: str = typer.Option("fp32", "--dtype", help="Weights dtype: fp32, or fp16 (for GPU deployment)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset (14-20; 17 is what TensorRT and ONNX Runtime are "
@@ -37,7 +41,9 @@ def bake(
 
     .safetensors: dense weights + thresholds, k, ratios, resolution and UNet config in the header; runs
     on the live PyTorch path. .onnx: one graph computing e_dense + k (e_pruned - e_dense), the pruned
-    weights masked in-graph from the shared ones. Exit code 1 if verification fails, 2 for bad input.
+    weights masked in-graph from the shared ones. The --poa-* policy is recorded (generate follows it); an
+    .onnx baked with one also serves one-pass steps from the same weights (input poa_pass). Exit code 1 if
+    verification fails, 2 for bad input.
     """
     from crdiff_cli.dual.options import check_k
     from crdiff_cli.exporters.artifacts import check_outputs, format_of, require_onnx
@@ -55,6 +61,7 @@ def bake(
         check_opset(opset)
     check_ratio_source(ratios=ratios, profile=profile, resolution=resolution)
     warning = check_k(k)
+    policy = poa_policy(poa_interval, poa_outside, poa_refresh)
     check_outputs(out_path, overwrite)
     loras = prepare_loras(lora, model)
     if warning:
@@ -69,8 +76,10 @@ def bake(
     with err.status("computing thresholds") as status:
         choice, spec = choose_spec(loaded, ratios=ratios, profile=profile, resolution=resolution, warn=warn)
         result = bake_artifact(loaded.unet, spec, k=k, resolution=resolution, family=loaded.family, out=out_path,
-                               opset=opset, verify=verify, overwrite=overwrite, on_stage=status.update)
-    out.print(spec_table(spec, title=f"{model} ({loaded.family}) baked with {choice.origin}, k={k:g}, {resolution} HxW"))
+                               opset=opset, verify=verify, overwrite=overwrite, on_stage=status.update, poa=policy)
+    policy_text = "" if policy.is_full else f", POA {policy.label().lstrip('@')}"
+    out.print(spec_table(spec, title=f"{model} ({loaded.family}) baked with {choice.origin}, k={k:g}{policy_text}, "
+                                     f"{resolution} HxW"))
     if result.report is not None:
         out.print(f"verified: {result.report.summary()}")
     else:

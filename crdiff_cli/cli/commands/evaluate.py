@@ -32,9 +32,9 @@ def evaluate(
                                                    "COCO prompt set (name, image id, caption, image file of every "
                                                    "prompt) to FILE.json, then run; pass it back as --prompts to "
                                                    "reuse it."),
-    variants: str = typer.Option("dense,pruned,crdiff", "--variants", help="Comma-separated: dense (unmodified), "
-                                 "pruned (k = 1, Table 7's 'pruned'), crdiff (POA at --k)."),
-    k: float = typer.Option(defaults.K, "--k", help="POA coefficient of the crdiff variant (as in generate)."),
+    variants: str = typer.Option("dense,pruned,crdiff", "--variants", help="Comma-separated: dense, pruned (k = 1), "
+                                 "crdiff (at --k), and POA policies crdiff@START:STOP[+pruned], crdiff/refreshN."),
+    k: float = typer.Option(defaults.K, "--k", help="POA coefficient of the crdiff variants."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help=RATIOS_HELP + " Used at every resolution."),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP + " Default: the family's profile at "
                                           "each resolution (nearest, with a warning)."),
@@ -159,7 +159,11 @@ def evaluate(
     out.print(results_table(results.rows, specs, variant_list, [str(r) for r in resolutions]))
     done = f"{plural(made, 'new image')} ({len(items) - made:,} already made)" if made < len(items) else \
         plural(made, "image")
-    out.print(f"wrote {done}, scores.jsonl, results.csv/json, paired.csv and report.html to {out_dir}")
+    costs = {r["variant"]: r["passes_per_step"] for r in results.rows if r.get("passes_per_step") is not None}
+    if any(v.startswith("crdiff") and v != "crdiff" for v in variant_list):  # POA policies: say what they cost
+        out.print("UNet passes per step (counted): " + ", ".join(f"{v} {c:g}" for v, c in costs.items())
+                  + f"; measured seconds per image in {out_dir / 'timings.csv'}")
+    out.print(f"wrote {done}, scores.jsonl, results.csv/json, paired.csv, timings.csv and report.html to {out_dir}")
 
 
 def _prepare_outputs(out_dir: Path, identity: dict, source, save_prompt_set: Path | None, *, resume: bool,

@@ -10,29 +10,34 @@ import typer
 from crdiff_cli import defaults
 from crdiff_cli.cli.shared import (CONTROL_IMAGE_OPTION, CONTROL_SCALE_OPTION, CONTROLNET_OPTION, GUIDANCE_HELP,
                                    INIT_IMAGE_OPTION, LORA_OPTION, MASK_IMAGE_OPTION, MASKS_HELP, MODEL_HELP,
-                                   PROFILE_HELP, RATIOS_HELP, RES_HELP, SCHEDULER_HELP, STRENGTH_OPTION, command, err,
-                                   out, plural, start_ranks, warn)
+                                   POA_INTERVAL_OPTION, POA_OUTSIDE_OPTION, POA_REFRESH_OPTION, PROFILE_HELP,
+                                   RATIOS_HELP, RES_HELP, SCHEDULER_HELP, STRENGTH_OPTION, command, err, out, plural,
+                                   poa_policy, start_ranks, warn)
 from crdiff_cli.errors import CrdiffError
 
 
 @command
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " With --artifact: the base model that "
-                              "supplies text encoders, tokenizers, VAE and scheduler."),
-    res: Optional[str] = typer.Option(None, "--res", help=RES_HELP + " Required, except with --artifact (default: "
-                                      "the artifact's)."),
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " With --artifact: the base model (text "
+                              "encoders, VAE, scheduler)."),
+    res: Optional[str] = typer.Option(None, "--res", help=RES_HELP + " Required without --artifact."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.json: new or empty "
                                  "(or a previous generate output, with --overwrite)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt."),
-    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A UTF-8 file, one prompt per line (# comments)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A UTF-8 file, one prompt per line."),
     k: Optional[float] = typer.Option(None, "--k", help="POA: e = e_dense + k (e_pruned - e_dense); 0 dense, 1 pruned. "
                                       f"default {defaults.K:g} (reference code; paper: 1.2) or the artifact's."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help=RATIOS_HELP),
-    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP + " Default: the paper's profile "
-                                          "for the model family at --res (nearest resolution, with a warning)."),
-    dense: bool = typer.Option(False, "--dense", help="Run the unmodified model (no pruning, no POA)."),
-    compare: bool = typer.Option(False, "--compare", help="Also generate the dense image; write a labelled "
-                                 "dense | CR-Diff | difference grid per prompt (compare_<i>.png)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP + " Default: the family's Table 6 "
+                                          "profile nearest --res."),
+    dense: bool = typer.Option(False, "--dense", help="Run the unmodified model."),
+    poa_interval: Optional[str] = POA_INTERVAL_OPTION,
+    poa_outside: Optional[str] = POA_OUTSIDE_OPTION,
+    poa_refresh: Optional[int] = POA_REFRESH_OPTION,
+    trace_poa: bool = typer.Option(False, "--trace-poa", help="Also write poa_trace.json/.png: where POA acts, "
+                                   "per step."),
+    compare: bool = typer.Option(False, "--compare", help="Also generate the dense image and a dense | CR-Diff | "
+                                 "difference grid per prompt."),
     seed: int = typer.Option(0, "--seed", help="First seed; image j of a prompt uses seed + j."),
     num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt."),
     steps: int = typer.Option(defaults.STEPS, "--steps", help="Denoising steps."),
@@ -43,11 +48,11 @@ def generate(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs). Default fp32; "
                                         "with a .safetensors artifact, the artifact's."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    artifact: Optional[Path] = typer.Option(None, "--artifact", help="A baked artifact (crdiff bake) whose UNet replaces "
-                                            "--model's: .safetensors runs on the live PyTorch path, .onnx through "
-                                            "ONNX Runtime. Its resolution, k and ratios are the defaults."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", help="A baked artifact (crdiff bake, .safetensors "
+                                            "or .onnx) whose UNet replaces --model's; its settings are the "
+                                            "defaults."),
     provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime provider for an .onnx artifact: "
-                                           "tensorrt, cuda or cpu (default: the best available, in that order)."),
+                                           "tensorrt, cuda or cpu (default: the best available)."),
     ort_fold_masks: bool = typer.Option(True, "--ort-fold-masks/--no-ort-fold-masks", help="ONNX Runtime: precompute "
                                         "pruned weights at load (fast, +1 copy of the targets) or mask per call."),
     lora: Optional[list[str]] = LORA_OPTION,
@@ -57,8 +62,7 @@ def generate(
     init_image: Optional[Path] = INIT_IMAGE_OPTION,
     strength: Optional[float] = STRENGTH_OPTION,
     mask_image: Optional[Path] = MASK_IMAGE_OPTION,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous crdiff generate output in --out "
-                                   "(a folder holding anything else is refused)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous crdiff generate output in --out."),
 ):
     """Text-to-image with CR-Diff (dense + pruned UNet combined by POA) on the live PyTorch path.
 
@@ -80,6 +84,10 @@ def generate(
     from crdiff_cli.validation import check_device, check_prompt
 
     meta = _artifact_metadata(artifact, res, provider, ort_fold_masks)
+    policy = poa_policy(poa_interval, poa_outside, poa_refresh, meta.poa if meta is not None else None)
+    if dense and (not policy.is_full or trace_poa):
+        raise CrdiffError("--poa-interval, --poa-refresh and --trace-poa shape CR-Diff's steps; --dense has none: "
+                          "drop one or the other")
     resolution = Resolution.parse(res) if res is not None else meta.resolution
     if (prompt is None) == (prompts_file is None):
         raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
@@ -94,7 +102,7 @@ def generate(
         wanted = Ratios.parse(ratios) if ratios is not None else get_profile(profile).ratios if profile else None
         _check_artifact_options(artifact, meta, k=k, ratios=wanted, dtype=str(torch_dtype(dtype)).removeprefix("torch.")
                                 if dtype else None, dense=dense, compare=compare, provider=provider,
-                                fold_masks=ort_fold_masks)
+                                fold_masks=ort_fold_masks, policy=policy, trace=trace_poa)
         if artifact.suffix == ".safetensors" and meta.dtype == "float16":
             dtype = dtype or "fp16"
     dtype = dtype or "fp32"
@@ -120,6 +128,8 @@ def generate(
     from crdiff_cli.pipelines.to_folder import generate_to_folder
 
     ranks = start_ranks(device)
+    if trace_poa and ranks.distributed:
+        raise CrdiffError("--trace-poa traces one process; run it without torchrun")
     with err.status(f"loading {model}"):
         loaded = load_prepared(model, dtype=dtype, device=ranks.device(device), loras=loras, inputs=inputs)
     info = {"model": model, "family": loaded.family, "dtype": dtype, "device": device,
@@ -130,15 +140,19 @@ def generate(
 
         with err.status(f"loading {artifact}"):
             dual, artifact_info = attach_artifact(loaded, artifact, meta, k=k, ratios=wanted, masks=masks,
-                                                  provider=provider, fold_masks=ort_fold_masks, warn=warn)
+                                                  provider=provider, fold_masks=ort_fold_masks, warn=warn, poa=policy)
         info.update(artifact_info)
     elif dense:
         info.update(mode="dense", k=0.0)
     else:
         choice, spec = choose_spec(loaded, ratios=ratios, profile=profile, resolution=resolution, warn=warn)
         k = defaults.K if k is None else k
-        dual = apply_crdiff(loaded.pipe, spec, k=k, masks=masks)
-        info.update(crdiff_info(choice, spec, k, masks))
+        dual = apply_crdiff(loaded.pipe, spec, k=k, masks=masks, poa=policy)
+        info.update(crdiff_info(choice, spec, k, masks, policy))
+    if trace_poa:
+        from crdiff_cli.dual.poa_steps import PoaTrace
+
+        loaded.pipe.unet.poa.trace = PoaTrace()
     seeds = list(range(seed, seed + num_images))
     from crdiff_cli.pipelines.image_folder import clear_image_folder
 
@@ -161,7 +175,14 @@ def generate(
         records = generate_to_folder(loaded.pipe, prompts, seeds, settings, out_dir, model_info=info, dual=dual,
                                      compare=compare, on_step=None if denoise is None else step,
                                      on_image=lambda: bars.advance(images), ranks=ranks)
+    if trace_poa:
+        from crdiff_cli.pipelines.poa_trace_file import write_poa_trace
+
+        write_poa_trace(out_dir, loaded.pipe.unet.poa.trace.entries, {key: info.get(key) for key in (
+            "model", "k", "ratios", "poa")} | {"scheduler": scheduler, "steps": steps, "resolution": str(resolution)})
     what = "dense" if dense else f"CR-Diff k={info['k']:g}, ratios {info['ratios']}"
+    if not dense and not policy.is_full:
+        what += f", POA {policy.label().lstrip('@')} ({policy.cost(per_image):.2f}x dense passes)"
     if meta is not None:
         what += f", from {artifact}" + (f" on {info['provider']}" if "provider" in info else "")
     out.print(f"wrote {plural(len(records), 'image')} ({what}, {resolution} HxW, {steps} steps) to {out_dir}")
@@ -181,8 +202,8 @@ def _artifact_metadata(artifact: Optional[Path], res: Optional[str], provider: O
 
 
 def _check_artifact_options(path: Path, meta, *, k: float | None, ratios, dtype: str | None,
-                      dense: bool = False, compare: bool = False, provider: str | None = None,
-                      fold_masks: bool = True) -> None:
+                            dense: bool = False, compare: bool = False, provider: str | None = None,
+                            fold_masks: bool = True, policy=None, trace: bool = False) -> None:
     """Refuse, before anything is loaded, the options the artifact at ``path`` cannot honour.
 
     ``ratios`` is a :class:`~crdiff_cli.pruning.ratios.Ratios` or None; ``dtype`` a torch dtype name or None.
@@ -207,6 +228,12 @@ def _check_artifact_options(path: Path, meta, *, k: float | None, ratios, dtype:
     if ratios is not None and ratios != meta.spec.ratios:
         raise CrdiffError(f"the ONNX artifact's thresholds are for ratios {meta.spec.ratios}; re-bake it for "
                           f"{ratios} (or use a .safetensors artifact)")
+    if trace and not meta.poa_switch:
+        raise CrdiffError("--trace-poa needs both branches' outputs, which this ONNX graph does not return; bake it "
+                          "with a POA policy (the one-pass switch) or use a .safetensors artifact")
+    if policy is not None and not policy.is_full and not meta.poa_switch:
+        raise CrdiffError(f"this ONNX artifact was baked for full POA only; re-bake it with the --poa-* flags to "
+                          f"run POA {policy.label().lstrip('@')} (or use a .safetensors artifact)")
     if provider is not None:
         from crdiff_cli.exporters.onnx_runtime import choose_providers
 

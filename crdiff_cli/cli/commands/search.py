@@ -25,7 +25,7 @@ def parse_bounds(text: str, flag: str, *, ratio: bool) -> tuple[float, float]:
     if ratio and not 0 <= lo < hi < 1:
         raise CrdiffError(f"{flag} {text!r}: ratio bounds must lie in [0, 1) (the fraction of weights pruned)")
     if not ratio and lo < 0:
-        raise CrdiffError(f"{flag} {text!r}: k must be >= 0")
+        raise CrdiffError(f"{flag} {text!r}: LO must be >= 0")
     return lo, hi
 
 
@@ -90,6 +90,10 @@ def search(
     search_k: bool = typer.Option(False, "--search-k", help="Also anneal k (POA on) as a 4th coordinate within "
                                   "--k-bounds. Goes beyond the paper."),
     k_bounds: str = typer.Option("1.0:2.0", "--k-bounds", help="LO:HI bounds of k for --search-k."),
+    search_window: bool = typer.Option(False, "--search-window", help="Also anneal where POA stops: POA on the "
+                                       "first STOP of the steps, dense after (--poa-interval 0:STOP), starting at "
+                                       "full POA. Needs --k or --search-k. Goes beyond the paper."),
+    window_bounds: str = typer.Option("0.1:1.0", "--window-bounds", help="LO:HI bounds of STOP for --search-window."),
     fail_score: float = typer.Option(-2.0, "--fail-score", help="Score of an image whose generation or scoring "
                                      "fails; the candidate's other images keep theirs (reference -2.0)."),
     guidance: float = typer.Option(defaults.GUIDANCE, "--guidance", help="Classifier-free guidance scale."),
@@ -125,7 +129,8 @@ def search(
     from crdiff_cli.pruning.resolution import Resolution
     from crdiff_cli.scorers import known_scorers
     from crdiff_cli.search.annealing import AnnealConfig
-    from crdiff_cli.search.runner import DEFAULT_K_START, SearchPlan, default_trace_path, k_search_config
+    from crdiff_cli.search.runner import (DEFAULT_K_START, SearchPlan, default_trace_path, k_search_config,
+                                          window_search_config)
     from crdiff_cli.search.trace_plot import TRACE
     from crdiff_cli.storage.atomic import check_output
     from crdiff_cli.storage.journal import check_journal, default_journal_path
@@ -160,11 +165,18 @@ def search(
         if not k_lo_hi[0] <= k_start <= k_lo_hi[1]:
             raise CrdiffError(f"k start {k_start:g} lies outside --k-bounds {k_bounds}; pass --k inside the bounds")
         config = k_search_config(config, k_lo_hi, k_start)
+    if search_window:
+        if k is None and not search_k:
+            raise CrdiffError("--search-window searches where POA runs; pass --k K (or --search-k) to turn POA on")
+        window_lo_hi = parse_bounds(window_bounds, "--window-bounds", ratio=False)
+        if not 0 < window_lo_hi[0] <= window_lo_hi[1] <= 1:
+            raise CrdiffError(f"--window-bounds {window_bounds} must lie within (0, 1] (fractions of the steps)")
+        config = window_search_config(config, window_lo_hi, window_lo_hi[1])
     settings = GenerationSettings(resolution, steps, guidance, negative_prompt, scheduler)
     loras = prepare_loras(lora, model)
     label = _model_label(model) + "".join(f" + lora {x.label}" for x in loras)
     plan = SearchPlan(tuple(prompts), settings, config, parse_seeds(image_seeds), None if search_k else k, search_k,
-                      fail_score, model=label, dtype=str(torch_dtype(dtype)).removeprefix("torch."))
+                      fail_score, search_window, model=label, dtype=str(torch_dtype(dtype)).removeprefix("torch."))
     journal = journal or default_journal_path(out_path)
     trace_path = default_trace_path(out_path)
     check_device(device)
@@ -212,7 +224,8 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
     from crdiff_cli.storage.atomic import write_errors
 
     try:
-        with SearchView(err, plan.config.iters, plan.search_k) as view, write_errors(journal):
+        label = "D/M/U" + "/k" * plan.search_k + "/stop" * plan.search_window
+        with SearchView(err, plan.config.iters, label) as view, write_errors(journal):
             result = search(loaded, scorer, plan, journal=journal, resume=resume, overwrite=overwrite, masks=masks,
                             on_eval=view.update, ranks=ranks)
     except KeyboardInterrupt:
@@ -227,5 +240,6 @@ def _run(plan, scorer_spec: str, journal: Path, out_path: Path, trace_path: Path
         first = next(e.error for e in result.history if e.error)
         warn(f"{result.failures} candidates failed and scored {plan.fail_score:g} (first: {first})")
     k_text = f", k {result.k:.4f}" if plan.search_k else ""
+    k_text += f", POA window {result.poa.interval_text()}" if plan.search_window else ""
     out.print(f"best ratios {result.ratios} (D/M/U){k_text}: score {result.score:.4f} after {len(result.history)} "
               f"steps ({result.computed} scored, stop: {result.stop_reason}); wrote {out_path} and {trace_path}")
