@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from crdiff_cli.comfyui.install import MARKER
-from crdiff_cli.comfyui.ldm_targets import PREFIX, ldm_group, ldm_target
+from crdiff_cli.comfyui.ldm_targets import ldm_group, ldm_target
 from crdiff_cli.comfyui.patch import CrdiffPatch, RatioSource
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.pruning.ratios import Ratios
@@ -65,7 +65,8 @@ def to_ldm(unet) -> dict[str, torch.Tensor]:
 
 def ldm_module(state: dict[str, torch.Tensor]) -> nn.Module:
     """A module tree under LDM names holding ``state``'s tensors: a module with a 2-D weight is a Linear, one
-    with a 4-D weight a Conv2d (as in ComfyUI's UNet), every other one a plain Module."""
+    with a 4-D weight a Conv2d (as in ComfyUI's UNet; a bias the state lacks is None), every other one a plain
+    Module."""
     kinds = {key.rpartition(".")[0]: {2: nn.Linear, 4: nn.Conv2d}[t.ndim] for key, t in state.items()
              if key.endswith(".weight") and t.ndim in (2, 4)}
     root = nn.Module()
@@ -76,7 +77,7 @@ def ldm_module(state: dict[str, torch.Tensor]) -> nn.Module:
             if part not in parent._modules:
                 kind = kinds.get(".".join(parts[:depth]))
                 parent._modules[part] = kind(1, 1, 1) if kind is nn.Conv2d else kind(1, 1) if kind else nn.Module()
-                parent._modules[part]._parameters.clear()
+                parent._modules[part]._parameters.update(weight=None, bias=None)  # filled from ``state`` below
             parent = parent._modules[part]
         parent._parameters[leaf] = nn.Parameter(tensor.clone(), requires_grad=False)
     return root
@@ -116,23 +117,31 @@ def test_thresholds_on_ldm_names_equal_crdiffs_on_diffusers_names(unets):
     assert got.groups == expected.groups  # layers, targets and pruned counts too
 
 
+def targets_of(ldm: nn.Module, spec) -> list[tuple[str, nn.Linear, float | None]]:
+    """Every target layer of ``ldm`` with its group's threshold."""
+    from crdiff_cli.pruning.targets import target_modules
+
+    thresholds = spec.thresholds()
+    return [(g, m, thresholds[g]) for g, ms in target_modules(ldm, ldm_target).items() for _, m in ms]
+
+
 @pytest.mark.parametrize("masks", ["on-the-fly", "copy"])
-def test_the_pruned_pass_masks_exactly_the_specs_weights(unets, masks):
+def test_the_pruned_pass_runs_exactly_the_specs_pruned_weights(unets, masks):
     _, ldm = unets
     patch = CrdiffPatch(RatioSource(ratios=RATIOS), "sd15", 1.5, masks)
     spec = patch.prepare(ldm, (1, 4, 8, 8))
-    weights = dict(ldm.named_parameters())
     zeroed = {g: 0 for g in spec.groups}
-    for key in patch.target_keys(ldm):
-        weight = weights[key.removeprefix(PREFIX)]
-        function = patch.weight_function(key)
-        assert function(weight) is weight  # outside the pruned pass: the weight itself
-        patch.pruned = True
-        pruned = function(weight)
-        patch.pruned = False
-        threshold = spec.thresholds()[ldm_group(key.removeprefix(PREFIX).removesuffix(".weight"))]
-        assert torch.equal(pruned, torch.where(weight.abs() > threshold, weight, 0.0))
-        zeroed[ldm_group(key.removeprefix(PREFIX).removesuffix(".weight"))] += int((pruned == 0).sum() - (weight == 0).sum())
+    for group, layer, threshold in targets_of(ldm, spec):
+        x = torch.randn(2, layer.weight.shape[1], generator=torch.Generator().manual_seed(1))
+        own = layer.weight
+        masked = torch.where(own.abs() > threshold, own, 0.0)
+        with torch.no_grad():
+            with patch.pruned_pass():
+                pruned = layer(x)
+            assert torch.equal(pruned, nn.functional.linear(x, masked, layer.bias))
+            assert torch.equal(layer(x), nn.functional.linear(x, own, layer.bias))  # outside: its own weight
+        assert layer.weight is own and not layer._forward_hooks and not layer._forward_pre_hooks
+        zeroed[group] += int((masked == 0).sum() - (own == 0).sum())
     assert zeroed == {g: s.pruned for g, s in spec.groups.items()}
 
 
@@ -142,24 +151,24 @@ def test_one_model_call_is_lerp_of_the_two_passes_with_fresh_control_lists(unets
     _, ldm = unets
     patch = CrdiffPatch(RatioSource(ratios=RATIOS), "sd15", k)
     patch.skip_single_branch = skip
-    patch.prepare(ldm, (1, 4, 8, 8))
-    key = patch.target_keys(ldm)[0]
-    weight = dict(ldm.named_parameters())[key.removeprefix(PREFIX)]
-    function = patch.weight_function(key)
-    x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    spec = patch.prepare(ldm, (1, 4, 8, 8))
+    _, layer, threshold = targets_of(ldm, spec)[0]
+    x = torch.randn(3, layer.weight.shape[1], generator=torch.Generator().manual_seed(0))
     control = {"output": [torch.ones(1), torch.ones(1)]}
     passes = []
 
     def executor(x, timesteps, context, y, control, transformer_options):  # a UNet pass, as ComfyUI runs it
-        passes.append((patch.pruned, len(control["output"])))
+        passes.append(len(control["output"]))
         control["output"].pop()
-        return x @ function(weight).T
+        return layer(x)
 
-    out = patch.diffusion_model_wrapper(executor, x, None, None, None, control, {})
-    dense, pruned = x @ weight.T, x @ torch.where(weight.abs() > patch.spec.thresholds()["down"], weight, 0.0).T
+    with torch.no_grad():
+        out = patch.diffusion_model_wrapper(executor, x, None, None, None, control, {})
+        dense = nn.functional.linear(x, layer.weight, layer.bias)
+        pruned = nn.functional.linear(x, torch.where(layer.weight.abs() > threshold, layer.weight, 0.0), layer.bias)
     assert torch.equal(out, torch.lerp(dense, pruned, k))
-    assert len(control["output"]) == 2 and all(n == 2 for _, n in passes)
-    assert [p for p, _ in passes] == ([False] if skip and k == 0 else [True] if skip and k == 1 else [False, True])
+    assert len(control["output"]) == 2 and passes == [2] * len(passes)  # each pass got the whole, fresh list
+    assert len(passes) == (1 if skip and k in (0, 1) else 2)
 
 
 def test_an_artifacts_thresholds_must_match_the_models_weights(unets):

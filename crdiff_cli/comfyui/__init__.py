@@ -2,7 +2,7 @@
 
 - :mod:`.ldm_targets`: crdiff's target rule on ComfyUI's (LDM) module names.
 - :mod:`.patch`: the pure-torch core: exact thresholds on the weights the model samples with, the
-  per-weight mask of the pruned pass, and the two-pass model call mixed by POA. No ComfyUI import.
+  pruned pass (pruned weights swapped in), and the two-pass model call mixed by POA. No ComfyUI import.
 - :mod:`.nodes`: the ComfyUI node classes (``NODE_CLASS_MAPPINGS``); ComfyUI is imported when they run.
 - :mod:`.install`: ``crdiff comfyui``: the one-file hook-up in a ComfyUI ``custom_nodes`` folder.
 

@@ -1,11 +1,10 @@
 """CR-Diff's ComfyUI nodes: ``CR-Diff`` (ratios, a profile or Table 6, and k) and ``CR-Diff from artifact``.
 
-Both take a ``MODEL`` and return a patched clone (the input model is not changed): per target weight a
-function that prunes it during the pruned pass only, a sampler wrapper that takes the exact thresholds when
-sampling starts, and a diffusion-model wrapper that runs the two passes and mixes them
-(:mod:`crdiff_cli.comfyui.patch`). The wrappers chain with other patches; applying CR-Diff again replaces the
-previous CR-Diff patch. ComfyUI is imported only inside the node functions, so this module imports without it
-(the node pack's ``__init__.py`` re-exports the mappings below).
+Both take a ``MODEL`` and return a patched clone (the input model is not changed): a sampler wrapper that
+takes the exact thresholds when sampling starts, and a diffusion-model wrapper that runs the dense and the
+pruned pass and mixes them (:mod:`crdiff_cli.comfyui.patch`). The wrappers chain with other patches;
+applying CR-Diff again replaces the previous CR-Diff patch. ComfyUI is imported only inside the node
+functions, so this module imports without it (the node pack's ``__init__.py`` re-exports the mappings below).
 
 Errors a user can fix (a ratio >= 1, a profile for another model family, a damaged artifact, a model that is
 not a UNet) are raised as one-line ``ValueError``s, which ComfyUI shows as the node's error message.
@@ -26,12 +25,21 @@ KEY = "crdiff"  # the wrappers' key on a ModelPatcher
 CATEGORY = "model_patches/crdiff"
 AUTO = "Table 6 profile for the sampled size"
 CUSTOM = "custom ratios (down / mid / up)"
-_FAMILIES = {"SD15": "sd15", "SD20": "sd21", "SD21UnclipL": "sd21", "SD21UnclipH": "sd21", "SDXL": "sdxl"}
 _RATIO = {"default": 0.3, "min": 0.0, "max": 0.999, "step": 0.001}
+_MASKS = (list(reversed(MASK_MODES)), {"default": "on-the-fly", "tooltip": "on-the-fly: no extra memory; copy: "
+          "masked copies of the target weights, faster where steps are short"})
 _LOG = logging.getLogger("crdiff")
 
 
-class CRDiff:
+class _ModelPatchNode:
+    """What both nodes are to ComfyUI: MODEL in, patched MODEL out, in crdiff's category."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+
+class CRDiff(_ModelPatchNode):
     """CR-Diff on a Stable Diffusion UNet: block-wise magnitude pruning plus POA, for non-native resolutions."""
 
     DESCRIPTION = ("Cross-resolution diffusion: each step runs the UNet dense and block-wise pruned and returns "
@@ -39,9 +47,6 @@ class CRDiff:
                    "the size being sampled, a built-in profile, custom down/mid/up ratios, or a crdiff profile "
                    "JSON (profile_file, e.g. from `crdiff search`). Thresholds are taken on the weights the model "
                    "samples with (LoRAs included). About 2x the sampling cost.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -55,8 +60,7 @@ class CRDiff:
             "up": ("FLOAT", {**_RATIO, "tooltip": "share of the up blocks' target weights pruned (custom)"}),
             "k": ("FLOAT", {"default": defaults.K, "min": 0.0, "max": 10.0, "step": 0.05,
                             "tooltip": "POA: 0 dense, 1 pruned, >1 amplified (paper: 1.2-1.5)"}),
-            "masks": (list(reversed(MASK_MODES)), {"default": "on-the-fly", "tooltip": "on-the-fly: no extra "
-                      "memory; copy: masked copies of the target weights, faster where steps are short"}),
+            "masks": _MASKS,
         }, "optional": {
             "profile_file": ("STRING", {"default": "", "tooltip": "a crdiff profile JSON; overrides ratios_from"}),
         }}
@@ -67,22 +71,19 @@ class CRDiff:
                                           k, masks)),)
 
 
-class CRDiffFromArtifact:
+class CRDiffFromArtifact(_ModelPatchNode):
     """CR-Diff with the ratios, k and thresholds of a ``crdiff bake`` artifact or a profile."""
 
     DESCRIPTION = ("Apply what `crdiff bake` baked (.safetensors artifact: ratios, k and the exact thresholds, "
                    "checked against this model's weights) or what `crdiff search` found (profile JSON: ratios, and "
                    "k if it records one), so ComfyUI reproduces crdiff's images.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
             "path": ("STRING", {"default": "", "tooltip": "a crdiff .safetensors artifact or a profile .json"}),
-            "masks": (list(reversed(MASK_MODES)), {"default": "on-the-fly"}),
+            "masks": _MASKS,
         }}
 
     def patch(self, model, path: str, masks: str):
@@ -102,7 +103,9 @@ def _guarded(make):
 
 
 def model_family(model) -> str:
-    """crdiff's family of a ComfyUI MODEL (``unknown`` for other UNets); refuses a model that is not a UNet."""
+    """crdiff's family of a ComfyUI MODEL from ComfyUI's own model class (its SD1.5, SD2.x and SDXL classes and
+    their variants, e.g. SSD-1B as SDXL); ``unknown`` for other UNets; refuses a model that is not a UNet."""
+    from comfy import supported_models
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     inner = getattr(model, "model", None)
@@ -111,7 +114,11 @@ def model_family(model) -> str:
         kind = type(unet).__name__ if unet is not None else type(model).__name__
         raise CrdiffError(f"this model's diffusion model is a {kind}, not a Stable Diffusion UNet; CR-Diff prunes "
                           "the UNet of SD1.5, SD2.1 and SDXL models")
-    return _FAMILIES.get(type(inner.model_config).__name__, "unknown")
+    config = inner.model_config
+    if isinstance(config, (supported_models.SD_X4Upscaler, supported_models.LotusD)):  # SD2 subclasses, other tasks
+        return "unknown"
+    families = ((supported_models.SDXL, "sdxl"), (supported_models.SD20, "sd21"), (supported_models.SD15, "sd15"))
+    return next((family for kind, family in families if isinstance(config, kind)), "unknown")
 
 
 def _ratio_source(model, ratios_from: str, custom: tuple[float, float, float], profile_file: str) -> RatioSource:
@@ -173,12 +180,6 @@ def _patched(model, source: RatioSource, k: float, masks: str):
     patched = model.clone()
     for wrapper_type in (WrappersMP.SAMPLER_SAMPLE, WrappersMP.DIFFUSION_MODEL):
         patched.remove_wrappers_with_key(wrapper_type, KEY)
-    for key, functions in list(patched.weight_wrapper_patches.items()):
-        patched.weight_wrapper_patches[key] = [f for f in functions if not getattr(f, KEY, False)]
-    for key in patch.target_keys(patched.model.diffusion_model):
-        function = patch.weight_function(key)
-        setattr(function, KEY, True)
-        patched.add_weight_wrapper(key, function)
     patched.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, KEY, patch.sampler_wrapper)
     patched.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, patch.diffusion_model_wrapper)
     return patched
