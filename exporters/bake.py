@@ -67,7 +67,8 @@ def bake(unet, spec: PruneSpec, *, k: float, resolution: Resolution, family: str
     stage = on_stage or (lambda name: None)
     stage("hashing the dense weights")
     poa = poa or PoaPolicy()
-    meta = ArtifactMetadata.describe(unet, spec, k, resolution, family, poa, poa_switch=fmt == "onnx" and not poa.is_full)
+    meta = ArtifactMetadata.describe(unet, spec, k, resolution, family, poa,
+                                     poa_switch=fmt == "onnx" and not poa.is_full)
     with _staged(out, files) as staging:
         target = staging / out.name
         stage(f"writing {fmt}")

@@ -224,6 +224,8 @@ def test_an_artifact_carries_its_policy_and_onnx_without_the_switch_refuses_one(
     ok(invoke("bake", *common, "--res", "48x40", "--no-verify", "--out", tmp_path / "full.onnx"))
     result = invoke(*gen, "--artifact", tmp_path / "full.onnx", "--poa-interval", "0:0.5", "--out", tmp_path / "o")
     assert result.exit_code == 2 and "baked for full POA only" in result.stderr and not (tmp_path / "o").exists()
+    traced = invoke(*gen, "--artifact", tmp_path / "full.onnx", "--trace-poa", "--out", tmp_path / "o")
+    assert traced.exit_code == 2 and "does not return" in traced.stderr and not (tmp_path / "o").exists()
 
 
 def test_an_onnx_artifact_with_the_switch_follows_the_policy_like_the_live_path(tmp_path, tiny_dirs):

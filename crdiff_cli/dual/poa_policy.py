@@ -52,7 +52,8 @@ class PoaPolicy:
                                  "with START <= STOP (e.g. 0:0.3)")
         object.__setattr__(self, "window", (float(start), float(stop)))
         if self.outside not in OUTSIDE_PASSES:
-            raise ParameterError("poa_outside", repr(self.outside), f"is not a pass; use one of {', '.join(OUTSIDE_PASSES)}")
+            raise ParameterError("poa_outside", repr(self.outside),
+                                 f"is not a pass; use one of {', '.join(OUTSIDE_PASSES)}")
         if isinstance(self.refresh, bool) or not isinstance(self.refresh, int) or self.refresh < 1:
             raise ParameterError("poa_refresh", self.refresh, "must be a whole number >= 1 (1: both passes at every "
                                  "step; N: every N-th step, the difference reused in between)")
@@ -92,6 +93,10 @@ class PoaPolicy:
         if self.outside != "dense" and self.window != (0.0, 1.0):
             text += f"+{self.outside}"
         return text + (f"/refresh{self.refresh}" if self.refresh > 1 else "")
+
+    def describe(self) -> str:
+        """For people: ``full POA``, or the label without its ``@`` (``0:0.3``, ``0:0.5+pruned/refresh2``)."""
+        return "full POA" if self.is_full else self.label().lstrip("@")
 
     def step_kind(self, index: int, total: int) -> str:
         """What step ``index`` (0-based) of ``total`` runs: ``both``, ``cached``, or one pass (``dense``/``pruned``)."""

@@ -7,8 +7,8 @@ the steps of an interrupted run do not leak into the next.
 
 The same object serves the live :class:`~crdiff_cli.dual.unet.DualUNet` and the ONNX Runtime UNet: each
 asks :meth:`PoaSteps.plan` what to run and hands the outputs back to :meth:`PoaSteps.combine` (or, where the
-runtime combines, :meth:`PoaSteps.keep`) or :meth:`PoaSteps.from_cache`. Combinations follow ``torch.lerp``'s formulas exactly, so a step with both
-passes gives the bits of full CR-Diff.
+runtime combines, :meth:`PoaSteps.keep`) or :meth:`PoaSteps.from_cache`. Combinations follow
+``torch.lerp``'s formulas exactly, so a step with both passes gives the bits of full CR-Diff.
 """
 
 from __future__ import annotations

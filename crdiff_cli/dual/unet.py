@@ -217,7 +217,8 @@ class DualUNet(ModelMixin):
         if all(t is None for t in self.spec.thresholds().values()):
             self.passes += 1
             return self.unet(*args, **kwargs)
-        kind, step = self.poa.plan(kwargs["timestep"] if "timestep" in kwargs else args[1], self.k)
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        kind, step = self.poa.plan(timestep, self.k)
         if kind == "both" and self.k in (0, 1):  # lerp's result is one branch: run only that one
             kind = "dense" if self.k == 0 else "pruned"
         self.passes += 2 if kind == "both" else 1
@@ -226,19 +227,18 @@ class DualUNet(ModelMixin):
         elif kind in ("pruned", "cached-pruned"):
             out = self._pruned(*args, **kwargs)
         else:
-            return self._both(step, *args, **kwargs)
+            return self._both(step, timestep, *args, **kwargs)
         if kind.startswith("cached-"):
             return _set_sample(out, self.poa.from_cache(_sample_of(out), self.k, kind))
         return out
 
-    def _both(self, step: int, *args, **kwargs):
+    def _both(self, step: int, timestep, *args, **kwargs):
         # Both passes get the same inputs. The UNet consumes list arguments in place (T2I-Adapter residuals
         # are popped from ``down_intrablock_additional_residuals``), so the pruned pass gets its own lists;
         # the tensors themselves (ControlNet residuals included) are shared, never recomputed.
         pruned_kwargs = {name: list(v) if isinstance(v, list) else v for name, v in kwargs.items()}
         dense = self.unet(*args, **kwargs)
         pruned = self._pruned(*args, **pruned_kwargs)
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         return _set_sample(dense, self.poa.combine(_sample_of(dense), _sample_of(pruned), self.k, step, timestep))
 
     def _pruned(self, *args, **kwargs):

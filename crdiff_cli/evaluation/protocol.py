@@ -85,10 +85,20 @@ def parse_variants(text: str) -> list[str]:
     if unknown or not variants:
         raise CrdiffError(f"--variants {text!r}: choose from {', '.join(VARIANTS)} or crdiff@START:STOP, "
                           "crdiff/refreshN (comma-separated)")
-    variants = [v if v in VARIANTS else "crdiff" + variant_policy(v).label() for v in variants]
+    variants = [v if v in VARIANTS else _canonical_policy_variant(v, text) for v in variants]
     if len(set(variants)) != len(variants):
         raise CrdiffError(f"--variants {text!r} names a variant twice")
     return [v for v in VARIANTS if v in variants] + [v for v in variants if v not in VARIANTS]
+
+
+def _canonical_policy_variant(variant: str, text: str) -> str:
+    """``crdiff`` plus the canonical label of the policy ``variant`` names; a bad one is refused as part of
+    ``--variants`` (the policy's own error names the generate flag, which evaluate does not have)."""
+    try:
+        return "crdiff" + variant_policy(variant).label()
+    except ParameterError as exc:
+        raise CrdiffError(f"--variants {text!r}: {variant} has a bad POA policy: its {exc.param.replace('_', '-')} "
+                          f"{exc.value} {exc.problem}") from None
 
 
 def variant_policy(variant: str) -> PoaPolicy:
@@ -388,7 +398,8 @@ def finish(session: Session, items: list[WorkItem], variants: list[str], resolut
             for res in resolutions for v in variants}
     names = [str(r) for r in resolutions]
     results = eval_results.compute(session.records, specs=session.specs, resolutions=names, variants=variants,
-                                   variant_info=info, fid=fid, steps={str(r): ev.settings[r].steps for r in resolutions})
+                                   variant_info=info, fid=fid,
+                                   steps={str(r): ev.settings[r].steps for r in resolutions})
     run_info = {**session.identity, "ratios_used": {str(r): str(c.ratios) for r, c in ev.choices.items()},
                 "scorers": {m.spec.name: m.scorer.name for m in ev.metrics}}  # e.g. which aesthetic predictor
     eval_results.write(session.out_dir, results, run_info)

@@ -91,7 +91,8 @@ def _chart(rows, spec, variants, resolutions) -> str:
             x += 12
             group_start = x
         top, zero = y(max(r["mean"], 0)), y(min(r["mean"], 0))
-        parts.append(f"<rect x={x} y={top:.1f} width={bar} height={max(zero - top, 0.5):.1f} fill='{color_of(v, variants)}'>"
+        parts.append(f"<rect x={x} y={top:.1f} width={bar} height={max(zero - top, 0.5):.1f} "
+                     f"fill='{color_of(v, variants)}'>"
                      f"<title>{escape(res)} {escape(v)}: {_fmt(r['mean'])}</title></rect>")
         if r["ci_low"] is not None:
             cx = x + bar / 2

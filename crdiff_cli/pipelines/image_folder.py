@@ -2,8 +2,9 @@
 
 Every PNG crdiff writes carries a ``crdiff`` text chunk (its generation parameters), and the folder's
 ``manifest.json`` names ``crdiff-images/1`` (a ``--trace-poa`` run's ``poa_trace.json`` names its own
-format). A folder holding only such files (and crdiff's own staging) is a previous output: ``--overwrite`` empties it before the new run writes there. Anything
-else in it (a user's photo, notes) makes it someone else's folder, which crdiff refuses to touch.
+format). A folder holding only such files (and crdiff's own staging) is a previous output: ``--overwrite``
+empties it before the new run writes there. Anything else in it (a user's photo, notes) makes it someone
+else's folder, which crdiff refuses to touch.
 """
 
 from __future__ import annotations

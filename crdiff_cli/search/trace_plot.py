@@ -1,9 +1,9 @@
 """The search trace as a PNG: the score per step with the best-so-far, and the temperature schedule.
 
 Drawn with PIL's ImageDraw (no plotting dependency, :mod:`crdiff_cli.pipelines.plot_panels`): two panels
-sharing the step axis, each with labelled ticks on both axes. The upper one shows every evaluated candidate's score (the scorer's mean
-score, higher is better; grey dots, failed candidates red, cache hits hollow) and the best score so
-far (a blue step line); the lower one the temperature, where reheats and restarts (t-floor rule) show
+sharing the step axis, each with labelled ticks on both axes. The upper one shows every evaluated
+candidate's score (the scorer's mean score, higher is better; grey dots, failed candidates red, cache hits
+hollow) and the best score so far (a blue step line); the lower one the temperature, where reheats and restarts (t-floor rule) show
 as jumps. The PNG carries a ``crdiff`` text chunk, which marks it as crdiff's for ``--overwrite``.
 """
 

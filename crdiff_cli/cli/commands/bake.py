@@ -77,7 +77,7 @@ def bake(
         choice, spec = choose_spec(loaded, ratios=ratios, profile=profile, resolution=resolution, warn=warn)
         result = bake_artifact(loaded.unet, spec, k=k, resolution=resolution, family=loaded.family, out=out_path,
                                opset=opset, verify=verify, overwrite=overwrite, on_stage=status.update, poa=policy)
-    policy_text = "" if policy.is_full else f", POA {policy.label().lstrip('@')}"
+    policy_text = "" if policy.is_full else f", POA {policy.describe()}"
     out.print(spec_table(spec, title=f"{model} ({loaded.family}) baked with {choice.origin}, k={k:g}{policy_text}, "
                                      f"{resolution} HxW"))
     if result.report is not None:

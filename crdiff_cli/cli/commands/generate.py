@@ -182,7 +182,7 @@ def generate(
             "model", "k", "ratios", "poa")} | {"scheduler": scheduler, "steps": steps, "resolution": str(resolution)})
     what = "dense" if dense else f"CR-Diff k={info['k']:g}, ratios {info['ratios']}"
     if not dense and not policy.is_full:
-        what += f", POA {policy.label().lstrip('@')} ({policy.cost(per_image):.2f}x dense passes)"
+        what += f", POA {policy.describe()} ({policy.cost(per_image):.2f}x dense passes)"
     if meta is not None:
         what += f", from {artifact}" + (f" on {info['provider']}" if "provider" in info else "")
     out.print(f"wrote {plural(len(records), 'image')} ({what}, {resolution} HxW, {steps} steps) to {out_dir}")
@@ -233,7 +233,7 @@ def _check_artifact_options(path: Path, meta, *, k: float | None, ratios, dtype:
                           "with a POA policy (the one-pass switch) or use a .safetensors artifact")
     if policy is not None and not policy.is_full and not meta.poa_switch:
         raise CrdiffError(f"this ONNX artifact was baked for full POA only; re-bake it with the --poa-* flags to "
-                          f"run POA {policy.label().lstrip('@')} (or use a .safetensors artifact)")
+                          f"run POA {policy.describe()} (or use a .safetensors artifact)")
     if provider is not None:
         from crdiff_cli.exporters.onnx_runtime import choose_providers
 
