@@ -34,13 +34,16 @@ MAX_OPSET = 20  # the TorchScript exporter's limit; NVIDIA saw GroupNorm at opse
 INLINE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, less headroom for the graph itself
 ALIGNMENT = 4096  # external tensors start on page boundaries, so runtimes may memory-map them
 DATA_SHA256, DATA_BYTES = "crdiff.external_data_sha256", "crdiff.external_data_bytes"  # integrity of NAME.onnx.data
+DATA_FILE = "crdiff.external_data_file"  # its name (artifacts baked before it: NAME.onnx.data)
 INIT_SHA256, INIT_HASH_METHOD = "crdiff.initializers_sha256", "crdiff.initializers_hash_method"  # of every artifact
 INIT_METHOD = "crdiff-onnx-initializers-sha256/1"
 
 
 def data_path(path: Path) -> Path:
-    """Where the external weights of ``path`` go: ``<name>.onnx.data`` beside it."""
-    return path.with_name(path.name + ".data")
+    """Where the external weights of ``path`` go: ``<name>.onnx.data`` beside it, but ``model.onnx_data`` for a
+    ``model.onnx`` (a pipeline folder's component: the name Optimum and ONNX Runtime's SD tools expect)."""
+    path = Path(path)
+    return path.with_name("model.onnx_data" if path.name == "model.onnx" else path.name + ".data")
 
 
 def export_onnx(unet, meta: ArtifactMetadata, path: Path, *, opset: int = DEFAULT_OPSET,
@@ -79,6 +82,7 @@ def export_onnx(unet, meta: ArtifactMetadata, path: Path, *, opset: int = DEFAUL
             digest, size = _write_external(model.graph.initializer, scratch, data_path(path))
             model.metadata_props.add(key=DATA_SHA256, value=digest)
             model.metadata_props.add(key=DATA_BYTES, value=str(size))
+            model.metadata_props.add(key=DATA_FILE, value=data_path(path).name)
         # The digest goes first: the file ends with metadata_props, and a copy cut exactly between two entries
         # must lose part of the table (refused as damaged), not the digest (which would read as unverified).
         table = [(p.key, p.value) for p in model.metadata_props]
@@ -240,7 +244,7 @@ def check_weights(path: Path) -> str | None:
     """
     path = Path(path)
     props = metadata_props(path)
-    data = data_path(path)
+    data = path.with_name(props.get(DATA_FILE, path.name + ".data"))
     if DATA_SHA256 in props:
         if not data.is_file():
             raise ArtifactError(f"{path} keeps its weights in {data.name}, which is missing; copy it beside the .onnx")

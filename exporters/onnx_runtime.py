@@ -83,11 +83,14 @@ def open_session(path: Path, *, provider: str | None = None, fold_masks: bool = 
                             f"{Path(path).name}.data may be truncated or corrupt") from None
 
 
-def run_session(session, inputs: dict, poa_pass: int | None = None):
+def run_session(session, inputs: dict, poa_pass: int | None = None, bind: bool = False):
     """Run the graph on torch tensors (cast to the graph's input types); returns ``out_sample``, a torch tensor.
 
     ``poa_pass`` (policy graphs only, see :mod:`.onnx_policy`): 0 both passes, 1 the dense one, 2 the pruned
     one; returns ``(out_sample, poa_delta)``. Without it a policy graph runs both passes, as the dual graph does.
+    ``bind`` runs through ONNX Runtime's IO binding: the session reads the input tensors and writes the outputs
+    in place, on the tensors' own device (no copy through host numpy; what GPU providers need). On the CPU
+    both paths give identical outputs.
     """
     import numpy as np
 
@@ -99,13 +102,39 @@ def run_session(session, inputs: dict, poa_pass: int | None = None):
                           "with the POA switch to run one pass per step")
     if poa_pass not in (None, PASS_BOTH, PASS_DENSE, PASS_PRUNED):
         raise ParameterError("poa_pass", poa_pass, "must be 0 (both passes), 1 (dense) or 2 (pruned)")
-    feeds = {name: inputs[name].detach().cpu().numpy().astype(_NUMPY[types[name]], copy=False)
-             for name in types if name != PASS}
+    names = [OUTPUT] if poa_pass is None else [OUTPUT, DELTA]
+    tensors = {name: inputs[name].detach().to(_TORCH[types[name]]).contiguous() for name in types if name != PASS}
     if PASS in types:
-        feeds[PASS] = np.array([PASS_BOTH if poa_pass is None else poa_pass], dtype=np.int64)
-    outputs = [torch.from_numpy(np.ascontiguousarray(out))
-               for out in session.run([OUTPUT] if poa_pass is None else [OUTPUT, DELTA], feeds)]
+        tensors[PASS] = torch.tensor([PASS_BOTH if poa_pass is None else poa_pass], dtype=torch.int64)
+    if bind:
+        outputs = _run_bound(session, tensors, names)
+    else:
+        feeds = {name: t.cpu().numpy() for name, t in tensors.items()}
+        outputs = [torch.from_numpy(np.ascontiguousarray(out)) for out in session.run(names, feeds)]
     return outputs[0] if poa_pass is None else tuple(outputs)
+
+
+def _run_bound(session, tensors: dict, names: list[str]) -> list:
+    """One run with every input and output bound to torch memory (the outputs: the sample's batch and size, the
+    graph's channels)."""
+    binding = session.io_binding()
+    for name, tensor in tensors.items():
+        binding.bind_input(name, tensor.device.type, tensor.device.index or 0, _numpy_dtype(tensor),
+                           tuple(tensor.shape), tensor.data_ptr())
+    sample = tensors["sample"]
+    channels = {o.name: o.shape[1] for o in session.get_outputs()}
+    outputs = [sample.new_empty((sample.shape[0], channels[name], *sample.shape[2:])) for name in names]
+    for name, out in zip(names, outputs):
+        binding.bind_output(name, out.device.type, out.device.index or 0, _numpy_dtype(out), tuple(out.shape),
+                            out.data_ptr())
+    session.run_with_iobinding(binding)
+    return outputs
+
+
+def _numpy_dtype(tensor):
+    import numpy as np
+
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[tensor.dtype]
 
 
 def has_poa_pass(session) -> bool:
@@ -115,20 +144,20 @@ def has_poa_pass(session) -> bool:
     return any(i.name == PASS for i in session.get_inputs())
 
 
-_NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-          "tensor(int64)": "int64"}
+_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+          "tensor(int64)": torch.int64}
 
 
 class OnnxUNet(nn.Module):
     """A ``pipe.unet`` stand-in backed by an ONNX Runtime session of a crdiff artifact.
 
     Pipelines read ``config``, ``dtype``, ``device`` and (SDXL) ``add_embedding.linear_1.in_features``
-    from their UNet and call it with diffusers' UNet signature; tensors cross to the session as numpy
-    on the CPU and come back in ``dtype`` on the device they came from (the rest of the pipeline may
-    run on a GPU). It holds no parameters: the weights live in the session.
+    from their UNet and call it with diffusers' UNet signature. On GPU providers the session reads and writes
+    the pipeline's tensors in place (IO binding, ``bind``); on the CPU they cross as numpy. Outputs come back
+    in ``dtype`` on the device the inputs came from. It holds no parameters: the weights live in the session.
     """
 
-    def __init__(self, session, meta: ArtifactMetadata, dtype=None, poa=None):
+    def __init__(self, session, meta: ArtifactMetadata, dtype=None, poa=None, bind: bool | None = None):
         from diffusers.configuration_utils import FrozenDict
 
         from crdiff_cli.dual.poa_steps import PoaSteps
@@ -140,6 +169,8 @@ class OnnxUNet(nn.Module):
         self._dtype = dtype or torch.float32
         self.poa = PoaSteps(poa)  # bind it to the pipeline (``unet.poa.bind(pipe)``) for a partial policy
         self._switch = has_poa_pass(session)
+        # IO binding (tensors read and written in place) by default on GPU providers: no host round trip per step
+        self.bind = session.get_providers()[0] != "CPUExecutionProvider" if bind is None else bind
         if not (self.poa.policy.is_full or self._switch):
             raise CrdiffError("this ONNX graph always runs both passes; a partial POA policy needs an artifact baked "
                               "with one (the one-pass switch, input poa_pass)")
@@ -179,15 +210,15 @@ class OnnxUNet(nn.Module):
         from crdiff_cli.exporters.onnx_graph import PASS_BOTH, PASS_DENSE, PASS_PRUNED
 
         if not self._switch:
-            return run_session(self.session, inputs)
+            return run_session(self.session, inputs, bind=self.bind)
         k = self.meta.k
         kind, step = self.poa.plan(timestep, k)
         one_pass = {"dense": PASS_DENSE, "cached-dense": PASS_DENSE, "pruned": PASS_PRUNED,
                     "cached-pruned": PASS_PRUNED}.get(kind)
         if one_pass is not None:
-            out = run_session(self.session, inputs, one_pass)[0]
+            out = run_session(self.session, inputs, one_pass, bind=self.bind)[0]
             return self.poa.from_cache(out, k, kind) if kind.startswith("cached-") else out
-        out, delta = run_session(self.session, inputs, PASS_BOTH)
+        out, delta = run_session(self.session, inputs, PASS_BOTH, bind=self.bind)
         if self.poa.policy.refresh > 1 or self.poa.trace is not None:
             self.poa.keep(delta, out - k * delta if self.poa.trace is not None else None, out, step, timestep)
         return out

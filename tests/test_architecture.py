@@ -17,7 +17,7 @@ SOURCES = {"crdiff_cli": ROOT / "crdiff_cli", "crdiff_cli.exporters": ROOT / "ex
 CORE = ("crdiff_cli.errors", "crdiff_cli.defaults", "crdiff_cli.validation", "crdiff_cli.pruning",
         "crdiff_cli.storage", "crdiff_cli.runtime")
 FEATURES = ("crdiff_cli.dual", "crdiff_cli.pipelines", "crdiff_cli.search", "crdiff_cli.evaluation",
-            "crdiff_cli.scorers", "crdiff_cli.exporters", "crdiff_cli.comfyui")
+            "crdiff_cli.scorers", "crdiff_cli.exporters", "crdiff_cli.comfyui", "crdiff_cli.deploy")
 COMMANDS = ("crdiff_cli.cli",)
 
 

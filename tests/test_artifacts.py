@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 
+from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.dual.unet import DualUNet
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.exporters.artifacts import check_base, read_metadata
@@ -212,6 +213,22 @@ def test_onnx_unet_adapter_serves_what_pipelines_read(artifacts):
     assert float((out - live_output(loaded, spec, inputs)).abs().max()) < 1e-4 * float(out.abs().max())
     with pytest.raises(CrdiffError, match="no input for cross_attention_kwargs"):
         adapter(inputs["sample"], 1, inputs["encoder_hidden_states"], cross_attention_kwargs={"scale": 1.0})
+
+
+def test_io_binding_gives_identical_outputs(artifacts, tmp_path, load_tiny):
+    """The bound path GPU providers take (tensors read and written in place) equals the numpy one bit for bit,
+    for the dual graph and for each pass of a policy graph."""
+    loaded, spec, result = artifacts[("tiny-sdxl", ".onnx")]
+    inputs = example_inputs(loaded.unet.config, 2, 5, 7, seed=3)
+    session = open_session(result.path, provider="cpu")
+    assert torch.equal(run_session(session, inputs), run_session(session, inputs, bind=True))
+    _, _, policy = baked(load_tiny, tmp_path, "tiny", ".onnx", verify=False, poa=PoaPolicy.parse("0:0.5"))
+    inputs = example_inputs(policy.meta.unet_config, 2, 6, 6, seed=5)
+    session = open_session(policy.path, provider="cpu")
+    for one_pass in (0, 1, 2):
+        plain, bound = run_session(session, inputs, one_pass), run_session(session, inputs, one_pass, bind=True)
+        assert all(torch.equal(a, b) for a, b in zip(plain, bound))
+    assert OnnxUNet(session, policy.meta).bind is False and OnnxUNet(session, policy.meta, bind=True).bind
 
 
 # --- validation --------------------------------------------------------------------------------------

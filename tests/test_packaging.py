@@ -111,3 +111,31 @@ def test_current_install_resources():
     assert json.loads(folder.joinpath("sd15@512x512.json").read_text())["native_resolution"] is True
     exporters = importlib.import_module("crdiff_cli.exporters")
     assert Path(exporters.__file__).parent.name == "exporters"
+
+
+@pytest.mark.slow
+def test_wheel_runs_a_pipeline_folder_in_a_venv_without_torch(wheel, tmp_path, tiny_dirs):
+    """requirements-runtime.txt plus the wheel without its dependencies, in a new venv: torch cannot be imported,
+    and `crdiff generate --pipeline` makes the image the runner makes here."""
+    import numpy as np
+    from PIL import Image
+
+    from crdiff_cli.deploy.runner import OnnxCrdiffPipeline
+    from helpers import invoke, ok
+
+    folder = tmp_path / "folder"
+    ok(invoke("bake", "--model", "tiny-sdxl", "--res", "64x64", "--format", "onnx-pipeline", "--out", folder,
+              "--no-verify"))
+    venv = tmp_path / "venv"
+    assert run(sys.executable, "-m", "venv", venv).returncode == 0
+    pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    for args in (["-r", ROOT / "requirements-runtime.txt"], ["--no-deps", wheel]):
+        installed = run(*pip, *args)
+        assert installed.returncode == 0, installed.stderr
+    assert run(venv / "bin" / "python", "-c", "import torch").returncode != 0
+    result = run(venv / "bin" / "crdiff", "generate", "--pipeline", folder, "--prompt", "a fox", "--seed", "8",
+                 "--steps", "2", "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    expected = OnnxCrdiffPipeline.from_folder(folder, provider="cpu")("a fox", seeds=8, steps=2)[0]
+    with Image.open(tmp_path / "out" / "0_8.png") as image:
+        assert np.array_equal(np.asarray(expected), np.asarray(image))

@@ -18,7 +18,7 @@ from crdiff_cli.pipelines.images import (ImageRecord, compare_grid, image_params
 def generate_to_folder(pipe, prompts: list[str], seeds: list[int], settings: GenerationSettings, out_dir: Path, *,
                        model_info: dict, dual=None, compare: bool = False,
                        on_step: Callable[[], None] | None = None, on_image: Callable[[], None] | None = None,
-                       ranks=None) -> list[ImageRecord]:
+                       ranks=None, render: Callable[[str, int], object] | None = None) -> list[ImageRecord]:
     """Generate every (prompt, seed) into ``out_dir``; with ``compare`` also the dense image and a grid.
 
     The caller applies ``settings.scheduler`` first (:func:`~crdiff_cli.pipelines.schedulers.set_scheduler`).
@@ -29,7 +29,8 @@ def generate_to_folder(pipe, prompts: list[str], seeds: list[int], settings: Gen
     Each (prompt, seed) is one work item, encoded to PNG bytes where it is made; with ``ranks`` (a
     :class:`crdiff_cli.runtime.distributed.Ranks` under torchrun) the items are split across ranks and rank 0
     alone writes every file, in item order, so the files are the ones a single process writes.
-    Records (and ``on_image`` calls) are on rank 0; the other ranks return an empty list.
+    Records (and ``on_image`` calls) are on rank 0; the other ranks return an empty list. ``render(prompt, seed)``
+    makes an image another way than ``pipe`` (the torch-free ONNX runner; ``pipe`` is then None).
     """
     from crdiff_cli.runtime.distributed import SINGLE
 
@@ -45,14 +46,14 @@ def generate_to_folder(pipe, prompts: list[str], seeds: list[int], settings: Gen
         params = image_params(prompt, seed, settings, info)
         return png_bytes(image, params), ImageRecord(name, index, prompt, seed, kind, params)
 
-    trace = getattr(getattr(pipe.unet, "poa", None), "trace", None)  # generate --trace-poa
+    trace = getattr(getattr(getattr(pipe, "unet", None), "poa", None), "trace", None)  # generate --trace-poa
+    render = render or (lambda prompt, seed: generate_image(pipe, prompt, seed, settings, on_step))
 
     def make(item) -> list[tuple[bytes, ImageRecord]]:
         index, prompt, seed = item
         if trace is not None:
             trace.label = f"{index}_{seed}"
-        made = [encoded(generate_image(pipe, prompt, seed, settings, on_step), index, prompt, seed, variant,
-                        model_info)]
+        made = [encoded(render(prompt, seed), index, prompt, seed, variant, model_info)]
         if compare and dual is not None:  # k = 0 under full POA: the dense model (a policy may run pruned passes)
             k, policy = dual.k, dual.poa.policy
             dual.k, dual.poa.policy = 0.0, PoaPolicy()

@@ -18,8 +18,8 @@ from crdiff_cli.errors import CrdiffError
 
 @command
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP + " With --artifact: the base model (text "
-                              "encoders, VAE, scheduler)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " With --artifact: the base model "
+                                        "(text encoders, VAE, scheduler)."),
     res: Optional[str] = typer.Option(None, "--res", help=RES_HELP + " Required without --artifact."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder for PNGs and manifest.json: new or empty "
                                  "(or a previous generate output, with --overwrite)."),
@@ -48,11 +48,12 @@ def generate(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp32, fp16 or bf16 (fp16 is for GPUs). Default fp32; "
                                         "with a .safetensors artifact, the artifact's."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    artifact: Optional[Path] = typer.Option(None, "--artifact", help="A baked artifact (crdiff bake, .safetensors "
-                                            "or .onnx) whose UNet replaces --model's; its settings are the "
-                                            "defaults."),
-    provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime provider for an .onnx artifact: "
-                                           "tensorrt, cuda or cpu (default: the best available)."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", help="A baked .safetensors/.onnx UNet replacing "
+                                            "--model's; its settings are the defaults."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="A baked ONNX pipeline folder, run without "
+                                            "torch."),
+    provider: Optional[str] = typer.Option(None, "--provider", help="ONNX Runtime provider (.onnx, --pipeline): "
+                                           "tensorrt, cuda or cpu (default: best available)."),
     ort_fold_masks: bool = typer.Option(True, "--ort-fold-masks/--no-ort-fold-masks", help="ONNX Runtime: precompute "
                                         "pruned weights at load (fast, +1 copy of the targets) or mask per call."),
     lora: Optional[list[str]] = LORA_OPTION,
@@ -64,12 +65,16 @@ def generate(
     mask_image: Optional[Path] = MASK_IMAGE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous crdiff generate output in --out."),
 ):
-    """Text-to-image with CR-Diff (dense + pruned UNet combined by POA) on the live PyTorch path.
+    """Text-to-image with CR-Diff (dense + pruned UNet combined by POA).
 
     Writes OUT/<prompt>_<seed>.png (parameters as PNG text) and OUT/manifest.json. --controlnet,
     --init-image and --mask-image use diffusers' matching pipeline around the same dual UNet.
     Many GPUs: torchrun --nproc-per-node N -m crdiff_cli generate ... (docs/distributed.md).
     """
+    if pipeline is not None:
+        return _generate_from_folder(pipeline, {key: value for key, value in locals().items() if key != "pipeline"})
+    if model is None:
+        raise CrdiffError("pass --model NAME_OR_PATH (or --pipeline DIR for a baked ONNX pipeline folder)")
     from crdiff_cli.dual.options import MASK_MODES, check_k
     from crdiff_cli.pipelines.conditioning import ImageInputs
     from crdiff_cli.pipelines.generation import GenerationSettings
@@ -245,3 +250,71 @@ def progress_bars():
 
     return Progress(TextColumn("{task.description:>7}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=False)
+
+
+# generate's options that the torch-free runner has no use for, with the value that means "not given"
+_NOT_WITH_PIPELINE = {"model": None, "k": None, "ratios": None, "profile": None, "dense": False, "poa_interval": None,
+                      "poa_outside": None, "poa_refresh": None, "trace_poa": False, "compare": False,
+                      "masks": defaults.MASKS, "dtype": None, "device": "cpu", "artifact": None, "ort_fold_masks": True,
+                      "lora": None, "controlnet": None, "control_image": None, "init_image": None, "strength": None,
+                      "mask_image": None}
+
+
+def _generate_from_folder(folder: Path, options: dict) -> None:
+    """``generate --pipeline DIR``: the folder's images with the torch-free runner (no torch, diffusers or
+    transformers is imported), written as the live path writes them."""
+    from crdiff_cli.deploy.folder import open_folder
+    from crdiff_cli.deploy.runner import OnnxCrdiffPipeline, check_request
+    from crdiff_cli.deploy.sessions import providers_for
+    from crdiff_cli.pipelines.generation import GenerationSettings
+    from crdiff_cli.pipelines.image_folder import IMAGES, clear_image_folder
+    from crdiff_cli.pipelines.prompts import read_prompts
+    from crdiff_cli.pipelines.to_folder import generate_to_folder
+    from crdiff_cli.pruning.resolution import Resolution
+    from crdiff_cli.storage.atomic import check_output, write_errors
+    from crdiff_cli.validation import check_prompt
+
+    given = [name for name, unset in _NOT_WITH_PIPELINE.items() if options[name] not in (unset, [])]
+    if given:
+        flag = "--" + given[0].replace("_", "-").replace("ort-fold-masks", "no-ort-fold-masks")
+        raise CrdiffError(f"{flag} does not apply to --pipeline: the folder brings its model, k, ratios and dtype; "
+                          "drop it, or use --model / --artifact for the live PyTorch path")
+    prompt, prompts_file, out_dir = options["prompt"], options["prompts_file"], options["out_dir"]
+    if (prompt is None) == (prompts_file is None):
+        raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
+    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompts(prompts_file)
+    check_prompt("--negative-prompt", options["negative_prompt"], empty_ok=True)
+    if options["num_images"] < 1:
+        raise CrdiffError(f"--num-images {options['num_images']} must be at least 1")
+    with err.status(f"checking {folder}"):
+        checked = open_folder(folder)
+    baked = checked.record["resolution"]
+    resolution = Resolution.parse(options["res"] or f"{baked['height']}x{baked['width']}")
+    settings = GenerationSettings(resolution, options["steps"], options["guidance"], options["negative_prompt"],
+                                  options["scheduler"])
+    check_request(checked, resolution.height, resolution.width, settings.scheduler)
+    providers_for(options["provider"])
+    check_output(out_dir, options["overwrite"], IMAGES)
+
+    with err.status(f"loading {folder}"):
+        runner = OnnxCrdiffPipeline.from_folder(folder, provider=options["provider"])
+    info = {"pipeline": str(folder), "model": checked.record["base_model"], "family": checked.family, "mode": "crdiff",
+            "k": checked.k, "ratios": str(checked.record["ratios"]), "thresholds": checked.record["thresholds"],
+            "dtype": checked.dtype("unet"), "provider": runner.provider, "runtime": "onnxruntime (torch-free)"}
+    seeds = list(range(options["seed"], options["seed"] + options["num_images"]))
+    if out_dir.is_dir():
+        clear_image_folder(out_dir)
+    with progress_bars() as bars, write_errors(out_dir):
+        images = bars.add_task("images", total=len(prompts) * len(seeds))
+        steps = bars.add_task("steps", total=runner.denoising_calls(settings.steps, settings.scheduler))
+
+        def render(text: str, seed: int):
+            bars.reset(steps)
+            return runner(text, seeds=seed, negative_prompt=settings.negative_prompt, steps=settings.steps,
+                          guidance=settings.guidance, height=resolution.height, width=resolution.width,
+                          scheduler=settings.scheduler, on_step=lambda: bars.advance(steps))[0]
+
+        records = generate_to_folder(None, prompts, seeds, settings, out_dir, model_info=info,
+                                     on_image=lambda: bars.advance(images), render=render)
+    out.print(f"wrote {plural(len(records), 'image')} (CR-Diff k={checked.k:g} from {folder} on {runner.provider}, "
+              f"{resolution} HxW, {settings.steps} steps) to {out_dir}")

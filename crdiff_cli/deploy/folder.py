@@ -1,0 +1,184 @@
+"""The ONNX pipeline folder ``crdiff bake --format onnx-pipeline`` writes, and checking one before it runs.
+
+The layout is the one ONNX Runtime / Optimum and diffusers' ``OnnxStableDiffusionPipeline`` read, so a
+deployment consumes the folder as it is::
+
+    model_index.json            the pipeline class and its components
+    crdiff.json                 what was baked (ratios, k, resolution, thresholds, POA) and every file's SHA-256
+    unet/model.onnx             the dual UNet (+ model.onnx_data above protobuf's 2 GiB), config.json
+    text_encoder/model.onnx     int32 input_ids (text_encoder_2/ too for SDXL), config.json
+    vae_decoder/model.onnx      latent_sample -> sample, config.json
+    vae_encoder/model.onnx      sample -> latent_sample (the latent mean), config.json
+    tokenizer/ (tokenizer_2/)   tokenizer.json + tokenizer_config.json
+    scheduler/                  scheduler_config.json
+
+``crdiff.json`` lists every file crdiff wrote with its SHA-256. :func:`open_folder` checks the listing and the
+digests before anything is loaded, so a changed, truncated or swapped file is refused in one line (digests are
+cached by size and modification time, so an untouched folder costs a ``stat`` per file). This module imports
+neither torch nor onnx: the torch-free runner depends on it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from crdiff_cli.errors import CrdiffError
+
+RECORD = "crdiff.json"
+FORMAT = "crdiff-onnx-pipeline/1"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"  # Optimum's name for a component's external weights
+TEXT_ENCODERS = {"sd15": ("text_encoder",), "sd21": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+IMAGE_MODELS = ("unet", "vae_decoder", "vae_encoder")
+
+
+class PipelineFolderError(CrdiffError):
+    """A folder that is not a complete, unchanged crdiff ONNX pipeline."""
+
+
+def components(family: str) -> tuple[str, ...]:
+    """The ONNX model folders of a pipeline of ``family``."""
+    return (*TEXT_ENCODERS[family], *IMAGE_MODELS)
+
+
+@dataclass(frozen=True)
+class PipelineFolder:
+    """A checked pipeline folder: where it is and what ``crdiff.json`` says about it. ``locate(name)`` is where
+    the record's file ``name`` lives (in the folder, or elsewhere in a Triton repository's layout)."""
+
+    path: Path
+    record: dict
+    locate: Callable[[str], Path]
+
+    @property
+    def family(self) -> str:
+        return self.record["family"]
+
+    @property
+    def sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def k(self) -> float:
+        return float(self.record["k"])
+
+    def model(self, component: str) -> Path:
+        return self.locate(f"{component}/{MODEL_FILE}")
+
+    def config(self, component: str) -> dict:
+        return read_json(self.path / component / "config.json")
+
+    def scheduler_config(self) -> dict:
+        return read_json(self.path / "scheduler" / "scheduler_config.json")
+
+    def dtype(self, component: str) -> str:
+        """``float32`` or ``float16``: the dtype ``component``'s graph takes and returns."""
+        return self.record["components"][component]["dtype"]
+
+
+def resolution_range(height: int, width: int) -> dict[str, list[int]]:
+    """The pixel sizes a folder baked for ``height`` x ``width`` serves: half to 1.5 times each side, in steps of
+    8 (the shapes ``TENSORRT.md`` builds engines for; CR-Diff's ratios are tuned for the baked size)."""
+    def step(value: float) -> int:
+        return max(8, int(value) // 8 * 8)
+
+    return {"min": [step(height / 2), step(width / 2)], "max": [step(height * 1.5), step(width * 1.5)]}
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineFolderError(f"{path} is missing; the pipeline folder is incomplete: re-bake it or copy it "
+                                  "whole") from None
+    except (OSError, ValueError) as exc:
+        raise PipelineFolderError(f"{path} is not readable JSON ({exc}); re-bake the folder or copy it whole") from None
+    if not isinstance(data, dict):
+        raise PipelineFolderError(f"{path} is not a JSON object; re-bake the folder or copy it whole")
+    return data
+
+
+def is_pipeline_folder(path: Path) -> bool:
+    """Whether ``path`` holds a ``crdiff.json`` of this format (a crdiff pipeline folder, maybe damaged)."""
+    try:
+        return read_json(Path(path) / RECORD).get("format", "").startswith("crdiff-onnx-pipeline/")
+    except CrdiffError:
+        return False
+
+
+def holds_only_ours(path: Path) -> bool:
+    """A pipeline folder whose every file crdiff listed in its record (``--overwrite`` may replace it)."""
+    if not is_pipeline_folder(path):
+        return False
+    listed = set(read_json(Path(path) / RECORD).get("files", {})) | {RECORD}
+    return files_in(path) <= listed
+
+
+def files_in(folder: Path) -> set[str]:
+    """Every file (or link) under ``folder``, as POSIX paths relative to it."""
+    return {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def open_folder(path: Path, locate: Callable[[str], Path] | None = None) -> PipelineFolder:
+    """Check the pipeline folder at ``path``: its record, every listed file present with its SHA-256, the
+    components its family needs; one :class:`PipelineFolderError` line otherwise. ``locate`` maps a listed
+    file to where it is, when not under ``path``."""
+    path = Path(path)
+    locate = locate or (lambda name: path / name)
+    if not path.is_dir():
+        raise PipelineFolderError(f"pipeline folder {path} does not exist; bake one with `crdiff bake --format "
+                                  "onnx-pipeline --out DIR`")
+    if not (path / RECORD).is_file():
+        raise PipelineFolderError(f"{path} has no {RECORD}: it is not a crdiff ONNX pipeline folder; bake one with "
+                                  "`crdiff bake --format onnx-pipeline`")
+    record = read_json(path / RECORD)
+    if record.get("format") != FORMAT:
+        raise PipelineFolderError(f"{path / RECORD} has format {record.get('format')!r}; this crdiff reads {FORMAT}: "
+                                  "re-bake the folder or upgrade crdiff")
+    try:
+        family, files = record["family"], dict(record["files"])
+        needed = components(family)
+        for component in needed:
+            record["components"][component]["dtype"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PipelineFolderError(f"{path / RECORD} is damaged ({type(exc).__name__}: {exc}); re-bake the "
+                                  "folder") from None
+    _check_model_index(path, needed)
+    missing = [name for name in (*(f"{c}/{MODEL_FILE}" for c in needed), *files) if not locate(name).is_file()]
+    if missing:
+        raise PipelineFolderError(f"{locate(missing[0])} is missing{_more(missing)}; the pipeline folder is "
+                                  "incomplete: copy it whole or re-bake it")
+    unlisted = [f"{c}/{MODEL_FILE}" for c in needed if f"{c}/{MODEL_FILE}" not in files]
+    if unlisted:
+        raise PipelineFolderError(f"{path / RECORD} does not list {unlisted[0]}; re-bake the folder")
+    _check_digests(locate, files)
+    return PipelineFolder(path, record, locate)
+
+
+def _check_model_index(path: Path, needed: tuple[str, ...]) -> None:
+    index = read_json(path / "model_index.json")
+    absent = [c for c in needed if not isinstance(index.get(c), list) or index[c][0] is None]
+    if absent:
+        raise PipelineFolderError(f"{path / 'model_index.json'} names no {absent[0]}{_more(absent)}, which this "
+                                  "pipeline needs; it was edited or belongs to another folder: re-bake it")
+
+
+def _check_digests(locate: Callable[[str], Path], files: dict[str, str]) -> None:
+    """Refuse a file whose SHA-256 differs from the record's (cached by size and modification time)."""
+    from crdiff_cli.storage.digest_cache import file_sha256
+
+    for name, digest in sorted(files.items()):
+        file = locate(name)
+        size = file.stat().st_size
+        if file_sha256(file) != digest:
+            raise PipelineFolderError(f"{file} ({size:,} bytes) does not match the SHA-256 recorded in {RECORD} when "
+                                      "it was baked: it was modified, truncated or replaced; re-bake or re-copy "
+                                      "the folder")
+
+
+def _more(items: list) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""

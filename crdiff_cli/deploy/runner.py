@@ -1,0 +1,205 @@
+"""The torch-free text-to-image runner of a pipeline folder: load once, call per request.
+
+It follows diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` call for call (prompt
+encoding, SDXL's pooled embeddings and ``time_ids``, classifier-free guidance with the negative batch first,
+the scheduler loop, VAE decoding and the image conversion), so the folder's image equals ``crdiff generate``'s
+on the live PyTorch path within ONNX Runtime's rounding. The starting noise of image i comes from PyTorch's
+CPU generator seeded with ``seeds[i]``, reproduced in numpy (:mod:`.torch_random`): a seed gives the image it
+gives in ``crdiff generate``. ::
+
+    from crdiff_cli.deploy import OnnxCrdiffPipeline
+
+    pipe = OnnxCrdiffPipeline.from_folder("sd15-768-crdiff")   # checks digests, opens the sessions
+    image = pipe("a red fox in the snow", seeds=7)[0]           # PIL images, one per prompt
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from crdiff_cli import defaults
+from crdiff_cli.deploy.folder import TOKENIZERS, PipelineFolder, components, open_folder, read_json
+from crdiff_cli.errors import CrdiffError, ParameterError
+
+
+def vae_scale(vae_config: dict) -> int:
+    """Image pixels per latent pixel."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def check_request(folder: PipelineFolder, height: int | None, width: int | None, scheduler: str | None):
+    """``(height, width, scheduler)`` of a request on ``folder``, checked before any model runs: the size (the
+    baked one by default) a multiple of the VAE's scale and inside the range the folder was exported for, and
+    a scheduler with a numpy twin (a ``--scheduler`` name, None for the base model's)."""
+    from crdiff_cli.deploy.schedulers import make_scheduler
+
+    record = folder.record
+    baked, limits = record["resolution"], record["resolution_range"]
+    scale = vae_scale(folder.config("vae_decoder"))
+    height = int(baked["height"]) if height is None else height
+    width = int(baked["width"]) if width is None else width
+    for axis, (name, value) in enumerate((("height", height), ("width", width))):
+        if value < scale or value % scale:
+            raise ParameterError(name, value, f"must be a positive multiple of {scale}")
+        if not limits["min"][axis] <= value <= limits["max"][axis]:
+            raise ParameterError(name, value, f"is outside the {limits['min'][axis]}..{limits['max'][axis]} pixels "
+                                 f"this folder was exported for (baked at {baked['height']}x{baked['width']}); "
+                                 "re-bake it with --res near the size you need")
+    try:
+        return height, width, make_scheduler(scheduler, folder.scheduler_config())
+    except ValueError as exc:
+        raise CrdiffError(str(exc)) from None
+
+
+class OnnxCrdiffPipeline:
+    """A pipeline folder's sessions, tokenizers and scheduler config, ready for requests."""
+
+    def __init__(self, folder: PipelineFolder, models: dict, tokenizers: dict):
+        self.folder = folder
+        self.models = models  # component name -> callable(**inputs) -> {output: array}, e.g. sessions.Component
+        self.tokenizers = tokenizers  # text encoder name -> callable(prompts) -> int64 ids
+        self.index = read_json(folder.path / "model_index.json")
+        self.unet_config = folder.config("unet")
+        vae = folder.config("vae_decoder")
+        self.vae_config = vae
+        self.vae_scale = vae_scale(vae)
+
+    @classmethod
+    def from_folder(cls, path: Path | str, *, provider: str | None = None, threads: int | None = None,
+                    bind: bool | None = None, locate: Callable[[str], Path] | None = None,
+                    models: Callable[[str, Path], Callable] | None = None) -> "OnnxCrdiffPipeline":
+        """Check the folder at ``path`` (:func:`~crdiff_cli.deploy.folder.open_folder`) and open its sessions on
+        ``provider`` (tensorrt, cuda or cpu; default the best available). ``bind`` forces IO binding on or off
+        (default: on for GPU providers). ``locate`` and ``models(component, path)`` serve other layouts and
+        runtimes (a Triton repository, its models called through Triton)."""
+        from crdiff_cli.deploy.sessions import Component, providers_for
+        from crdiff_cli.deploy.tokenizer import ClipTokenizer
+
+        if models is None:
+            providers = providers_for(provider)
+
+            def models(component: str, model: Path) -> Component:
+                return Component(model, providers, threads, bind)
+
+        folder = open_folder(Path(path), locate)
+        needed = [c for c in components(folder.family) if c != "vae_encoder"]  # text-to-image does not encode
+        opened = {c: models(c, folder.model(c)) for c in needed}
+        tokenizers = {c: ClipTokenizer(folder.path / TOKENIZERS[c]) for c in opened if c in TOKENIZERS}
+        return cls(folder, opened, tokenizers)
+
+    def denoising_calls(self, steps: int, scheduler: str | None = None) -> int:
+        """UNet calls per image for ``steps`` (PNDM makes one more), for progress display."""
+        _, _, sampler = check_request(self.folder, None, None, scheduler)
+        sampler.set_timesteps(steps)
+        return len(sampler.timesteps)
+
+    @property
+    def provider(self) -> str:
+        session = getattr(self.models["unet"], "session", None)
+        return session.get_providers()[0] if session is not None else "custom"
+
+    def __call__(self, prompts: str | list[str], *, seeds: int | list[int] = 0, negative_prompt: str | None = None,
+                 steps: int = defaults.STEPS, guidance: float = defaults.GUIDANCE, height: int | None = None,
+                 width: int | None = None, scheduler: str | None = None, latents: np.ndarray | None = None,
+                 on_step: Callable[[], None] | None = None) -> list:
+        """One PIL image per prompt. ``seeds``: one per prompt (an int is used for every prompt); ``height`` and
+        ``width`` default to the baked resolution; ``scheduler`` is a ``--scheduler`` name (default the base
+        model's); ``latents`` replaces the seeded starting noise (before scaling by the scheduler's sigma)."""
+        from crdiff_cli.deploy.torch_random import TorchCpuGenerator
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ParameterError("seeds", len(seeds), f"must give one seed per prompt ({len(prompts)})")
+        height, width, sampler = check_request(self.folder, height, width, scheduler)
+        try:
+            sampler.set_timesteps(steps)
+        except ValueError as exc:
+            raise CrdiffError(str(exc)) from None
+        if self.folder.sdxl:
+            sampler.set_begin_index(0)  # as StableDiffusionXLPipeline does (SD1.x/2.x pipelines do not)
+        guided = guidance > 1 and self.unet_config.get("time_cond_proj_dim") is None
+        conditioning = self._encode(prompts, negative_prompt, guided, height, width)
+        generators = [TorchCpuGenerator(seed) for seed in seeds]
+        shape = (len(prompts), self.unet_config["in_channels"], height // self.vae_scale, width // self.vae_scale)
+        if latents is None:
+            latents = np.concatenate([g.randn((1, *shape[1:])) for g in generators])
+        elif tuple(latents.shape) != shape:
+            raise ParameterError("latents", tuple(latents.shape), f"must have shape {shape}")
+        latents = (latents.astype(np.float32) * np.float32(sampler.init_noise_sigma)).astype(np.float32)
+
+        def noise(step_shape: tuple) -> np.ndarray:  # what diffusers draws with one generator per image
+            return np.concatenate([g.randn((1, *step_shape[1:])) for g in generators])
+
+        unet = self.models["unet"]
+        scalar = self.folder.record.get("unet_conventions") == "tensorrt"  # the demo's scalar timestep
+        if hasattr(unet, "keep_on_device"):
+            unet.keep_on_device(**conditioning)
+        try:
+            for t in sampler.timesteps:
+                model_input = np.concatenate([latents, latents]) if guided else latents
+                model_input = sampler.scale_model_input(model_input, t)
+                out = unet(sample=model_input, timestep=np.array(t if scalar else [t], dtype=np.float32))
+                prediction = next(iter(out.values()))
+                if guided:
+                    uncond, text = np.split(prediction, 2)
+                    prediction = uncond + np.float32(guidance) * (text - uncond)
+                latents = sampler.step(prediction, t, latents, noise=noise)
+                if on_step is not None:
+                    on_step()
+        finally:
+            if hasattr(unet, "forget"):
+                unet.forget()
+        return self._decode(latents)
+
+    def _encode(self, prompts: list[str], negative: str | None, guided: bool, height: int, width: int) -> dict:
+        """The UNet inputs that stay the same at every step: ``encoder_hidden_states`` (and SDXL's
+        ``text_embeds`` and ``time_ids``), negative batch first when guided."""
+        if not self.folder.sdxl:
+            embeds = self._text("text_encoder", prompts)["last_hidden_state"]
+            if guided:
+                negatives = self._text("text_encoder", [negative or ""] * len(prompts))["last_hidden_state"]
+                embeds = np.concatenate([negatives, embeds])
+            return {"encoder_hidden_states": embeds}
+        embeds, pooled = self._sdxl_text(prompts)
+        time_ids = np.array([[height, width, 0, 0, height, width]] * len(prompts), dtype=np.float32)
+        if guided:
+            if negative is None and self.index.get("force_zeros_for_empty_prompt", True):
+                negatives, negative_pooled = np.zeros_like(embeds), np.zeros_like(pooled)
+            else:
+                negatives, negative_pooled = self._sdxl_text([negative or ""] * len(prompts))
+            embeds, pooled = np.concatenate([negatives, embeds]), np.concatenate([negative_pooled, pooled])
+            time_ids = np.concatenate([time_ids, time_ids])
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids}
+
+    def _sdxl_text(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Both encoders' penultimate hidden states side by side, and the second encoder's pooled projection."""
+        hidden, pooled = [], None
+        for encoder in ("text_encoder", "text_encoder_2"):
+            layers = self.folder.config(encoder)["num_hidden_layers"]
+            outputs = self._text(encoder, prompts)
+            hidden.append(outputs[f"hidden_states.{layers - 1}"])
+            pooled = outputs.get("text_embeds")
+        return np.concatenate(hidden, axis=-1), pooled
+
+    def _text(self, encoder: str, prompts: list[str]) -> dict[str, np.ndarray]:
+        ids = self.tokenizers[encoder](prompts).astype(np.int32)
+        return self.models[encoder](input_ids=ids)
+
+    def _decode(self, latents: np.ndarray) -> list:
+        from PIL import Image
+
+        config = self.vae_config
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            latents = (latents * np.asarray(std, np.float32).reshape(shape) / np.float32(config["scaling_factor"])
+                       + np.asarray(mean, np.float32).reshape(shape))
+        else:
+            latents = latents / np.float32(config["scaling_factor"])
+        images = self.models["vae_decoder"](latent_sample=latents.astype(np.float32))["sample"]
+        images = np.clip(images / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        return [Image.fromarray(image) for image in (images * 255).round().astype("uint8")]

@@ -1,0 +1,99 @@
+"""ONNX Runtime sessions for a pipeline folder's components, fed and read as numpy.
+
+A :class:`Component` casts each input to the dtype its graph declares (an fp16 UNet takes fp16 latents) and
+returns float32, so the runner's arithmetic is the same whatever the folder's dtype. On a GPU provider the
+UNet is run through IO binding: the prompt embeddings (the largest input, the same at every step) are copied
+to the device once per request (:meth:`Component.keep_on_device`), and each step moves only the latents, which
+the numpy scheduler needs on the host anyway. On the CPU provider the bound and plain paths give identical
+outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from crdiff_cli.errors import CrdiffError, first_line
+
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+_DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+          "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def providers_for(provider: str | None) -> list[str]:
+    """ONNX Runtime providers in order of preference: ``provider`` if forced, else TensorRT, CUDA, CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider is None:
+        return [p for p in PROVIDERS.values() if p in available]
+    if provider not in PROVIDERS:
+        raise CrdiffError(f"unknown --provider {provider!r}; use one of {', '.join(PROVIDERS)}")
+    if PROVIDERS[provider] not in available:
+        raise CrdiffError(f"ONNX Runtime provider {PROVIDERS[provider]} is not available here (available: "
+                          f"{', '.join(available)}); install onnxruntime-gpu for cuda/tensorrt")
+    return [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+
+
+class Component:
+    """One ONNX model of the folder: ``component(name=array, ...)`` -> its outputs by name, float32."""
+
+    def __init__(self, path: Path, providers: list[str], threads: int | None = None, bind: bool | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail / InvalidGraph / NoSuchFile / NotImplemented types
+            raise CrdiffError(f"ONNX Runtime cannot load {path} on {providers[0]} ({first_line(exc)}); an fp16 "
+                              "folder needs a provider with fp16 kernels (cuda, tensorrt)") from None
+        self.path = Path(path)
+        self.inputs = {i.name: _NUMPY[i.type] for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.device = _DEVICES.get(self.session.get_providers()[0], "cpu")
+        self.bind = self.device != "cpu" if bind is None else bind
+        self._kept: dict[str, object] = {}  # device copies (bound path)
+        self._kept_arrays: dict[str, np.ndarray] = {}
+
+    def keep_on_device(self, **arrays: np.ndarray) -> None:
+        """Inputs that stay the same for the coming calls: copied to the device once (bound path only)."""
+        import onnxruntime as ort
+
+        self._kept = {name: ort.OrtValue.ortvalue_from_numpy(self._cast(name, a), self.device, 0)
+                      for name, a in arrays.items()} if self.bind else {}
+        self._kept_arrays = arrays
+
+    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {**self._kept_arrays, **feeds}
+        unknown = set(feeds) - set(self.inputs)
+        if unknown or set(self.inputs) - set(feeds):
+            raise CrdiffError(f"{self.path} takes {', '.join(self.inputs)}, not {', '.join(sorted(feeds))}; the "
+                              "folder's graphs do not match this crdiff: re-bake it")
+        if self.bind:
+            return self._run_bound(feeds)
+        results = self.session.run(None, {name: self._cast(name, a) for name, a in feeds.items()})
+        return {name: np.asarray(r, dtype=np.float32) for name, r in zip(self.outputs, results)}
+
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            if name in self._kept:
+                binding.bind_ortvalue_input(name, self._kept[name])
+            else:
+                binding.bind_cpu_input(name, self._cast(name, array))
+        for name in self.outputs:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        return {name: np.asarray(r, dtype=np.float32) for name, r in zip(self.outputs, binding.copy_outputs_to_cpu())}
+
+    def _cast(self, name: str, array: np.ndarray) -> np.ndarray:
+        return np.require(array, dtype=self.inputs[name], requirements="C")  # keeps a 0-d timestep 0-d
+
+    def forget(self) -> None:
+        """Drop what :meth:`keep_on_device` kept (end of a request)."""
+        self._kept, self._kept_arrays = {}, {}
