@@ -170,6 +170,20 @@ def test_io_binding_gives_identical_outputs(folders):
     assert np.array_equal(pixels(plain), pixels(bound))
 
 
+def test_one_runner_serves_concurrent_requests(folders):
+    """A service loads once and calls from several threads: each request gets the image it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crdiff_cli.deploy.runner import OnnxCrdiffPipeline
+
+    runner = OnnxCrdiffPipeline.from_folder(folders["tiny-sdxl"], provider="cpu")
+    requests = [("a red fox", 1), ("a blue bird", 2), ("a green frog", 3)]
+    alone = [pixels(runner(prompt, seeds=seed, steps=2)[0]) for prompt, seed in requests]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda r: pixels(runner(r[0], seeds=r[1], steps=2)[0]), requests))
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
+
+
 def test_graphsurgeon_folding_leaves_outputs_identical(folders, tmp_path):
     """What NVIDIA's TensorRT demo does to an ONNX UNet before building (cleanup, fold_constants) changes nothing."""
     gs = pytest.importorskip("onnx_graphsurgeon")

@@ -59,7 +59,7 @@ class OnnxCrdiffPipeline:
 
     def __init__(self, folder: PipelineFolder, models: dict, tokenizers: dict):
         self.folder = folder
-        self.models = models  # component name -> callable(**inputs) -> {output: array}, e.g. sessions.Component
+        self.models = models  # component name -> a sessions.Component, or what serves its interface (Triton)
         self.tokenizers = tokenizers  # text encoder name -> callable(prompts) -> int64 ids
         self.index = read_json(folder.path / "model_index.json")
         self.unet_config = folder.config("unet")
@@ -136,23 +136,19 @@ class OnnxCrdiffPipeline:
 
         unet = self.models["unet"]
         scalar = self.folder.record.get("unet_conventions") == "tensorrt"  # the demo's scalar timestep
-        if hasattr(unet, "keep_on_device"):
-            unet.keep_on_device(**conditioning)
-        try:
-            for t in sampler.timesteps:
-                model_input = np.concatenate([latents, latents]) if guided else latents
-                model_input = sampler.scale_model_input(model_input, t)
-                out = unet(sample=model_input, timestep=np.array(t if scalar else [t], dtype=np.float32))
-                prediction = next(iter(out.values()))
-                if guided:
-                    uncond, text = np.split(prediction, 2)
-                    prediction = uncond + np.float32(guidance) * (text - uncond)
-                latents = sampler.step(prediction, t, latents, noise=noise)
-                if on_step is not None:
-                    on_step()
-        finally:
-            if hasattr(unet, "forget"):
-                unet.forget()
+        kept = unet.keep(**conditioning)  # the same at every step: on the device once (GPU providers)
+        for t in sampler.timesteps:
+            model_input = np.concatenate([latents, latents]) if guided else latents
+            model_input = sampler.scale_model_input(model_input, t)
+            timestep = np.array(t if scalar else [t], dtype=np.float32)
+            out = unet(kept, sample=model_input, timestep=timestep)
+            prediction = next(iter(out.values()))
+            if guided:
+                uncond, text = np.split(prediction, 2)
+                prediction = uncond + np.float32(guidance) * (text - uncond)
+            latents = sampler.step(prediction, t, latents, noise=noise)
+            if on_step is not None:
+                on_step()
         return self._decode(latents)
 
     def _encode(self, prompts: list[str], negative: str | None, guided: bool, height: int, width: int) -> dict:

@@ -3,9 +3,10 @@
 A :class:`Component` casts each input to the dtype its graph declares (an fp16 UNet takes fp16 latents) and
 returns float32, so the runner's arithmetic is the same whatever the folder's dtype. On a GPU provider the
 UNet is run through IO binding: the prompt embeddings (the largest input, the same at every step) are copied
-to the device once per request (:meth:`Component.keep_on_device`), and each step moves only the latents, which
-the numpy scheduler needs on the host anyway. On the CPU provider the bound and plain paths give identical
-outputs.
+to the device once per request (:meth:`Component.keep`), and each step moves only the latents, which the
+numpy scheduler needs on the host anyway. On the CPU provider the bound and plain paths give identical
+outputs. A component holds no per-request state: what :meth:`Component.keep` returns travels with the request,
+so one instance serves concurrent requests (ONNX Runtime sessions are thread-safe).
 """
 
 from __future__ import annotations
@@ -57,35 +58,34 @@ class Component:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.device = _DEVICES.get(self.session.get_providers()[0], "cpu")
         self.bind = self.device != "cpu" if bind is None else bind
-        self._kept: dict[str, object] = {}  # device copies (bound path)
-        self._kept_arrays: dict[str, np.ndarray] = {}
 
-    def keep_on_device(self, **arrays: np.ndarray) -> None:
-        """Inputs that stay the same for the coming calls: copied to the device once (bound path only)."""
+    def keep(self, **arrays: np.ndarray) -> dict:
+        """Inputs that stay the same for a request's calls, ready to pass as ``kept=``: on the bound path copied
+        to the device once, else cast once."""
         import onnxruntime as ort
 
-        self._kept = {name: ort.OrtValue.ortvalue_from_numpy(self._cast(name, a), self.device, 0)
-                      for name, a in arrays.items()} if self.bind else {}
-        self._kept_arrays = arrays
+        if self.bind:
+            return {name: ort.OrtValue.ortvalue_from_numpy(self._cast(name, a), self.device, 0)
+                    for name, a in arrays.items()}
+        return {name: self._cast(name, a) for name, a in arrays.items()}
 
-    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = {**self._kept_arrays, **feeds}
-        unknown = set(feeds) - set(self.inputs)
-        if unknown or set(self.inputs) - set(feeds):
-            raise CrdiffError(f"{self.path} takes {', '.join(self.inputs)}, not {', '.join(sorted(feeds))}; the "
+    def __call__(self, kept: dict | None = None, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        kept = kept or {}
+        given = set(kept) | set(feeds)
+        if given != set(self.inputs):
+            raise CrdiffError(f"{self.path} takes {', '.join(self.inputs)}, not {', '.join(sorted(given))}; the "
                               "folder's graphs do not match this crdiff: re-bake it")
         if self.bind:
-            return self._run_bound(feeds)
-        results = self.session.run(None, {name: self._cast(name, a) for name, a in feeds.items()})
+            return self._run_bound(kept, feeds)
+        results = self.session.run(None, {**kept, **{name: self._cast(name, a) for name, a in feeds.items()}})
         return {name: np.asarray(r, dtype=np.float32) for name, r in zip(self.outputs, results)}
 
-    def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_bound(self, kept: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         binding = self.session.io_binding()
+        for name, value in kept.items():
+            binding.bind_ortvalue_input(name, value)
         for name, array in feeds.items():
-            if name in self._kept:
-                binding.bind_ortvalue_input(name, self._kept[name])
-            else:
-                binding.bind_cpu_input(name, self._cast(name, array))
+            binding.bind_cpu_input(name, self._cast(name, array))
         for name in self.outputs:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
@@ -93,7 +93,3 @@ class Component:
 
     def _cast(self, name: str, array: np.ndarray) -> np.ndarray:
         return np.require(array, dtype=self.inputs[name], requirements="C")  # keeps a 0-d timestep 0-d
-
-    def forget(self) -> None:
-        """Drop what :meth:`keep_on_device` kept (end of a request)."""
-        self._kept, self._kept_arrays = {}, {}

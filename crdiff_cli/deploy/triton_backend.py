@@ -26,32 +26,15 @@ class TritonPythonModel:
         from crdiff_cli.deploy.runner import OnnxCrdiffPipeline
         from crdiff_cli.deploy.triton import MARKER, locate_in, model_name, pipeline_dir
 
-        self.pb = pb_utils
+        self.pb = pb_utils  # Triton's module, only importable inside its Python backend
         name = json.loads(args["model_config"])["name"]
         repository = Path(args["model_repository"]).parent
         outputs = json.loads((repository / MARKER).read_text(encoding="utf-8"))["outputs"]
         dtypes = json.loads((pipeline_dir(repository, name) / RECORD).read_text(encoding="utf-8"))["components"]
         self.pipe = OnnxCrdiffPipeline.from_folder(
             pipeline_dir(repository, name), locate=locate_in(repository, name),
-            models=lambda component, path: self._remote(model_name(name, component), outputs[model_name(
+            models=lambda component, path: TritonModel(pb_utils, model_name(name, component), outputs[model_name(
                 name, component)], np.float16 if dtypes[component]["dtype"] == "float16" else np.float32))
-
-    def _remote(self, model: str, outputs: list[str], dtype):
-        """A callable that runs ``model`` in Triton: named numpy inputs in (floats cast to the graph's ``dtype``),
-        float32 outputs by name."""
-        pb = self.pb
-
-        def call(**feeds: np.ndarray) -> dict[str, np.ndarray]:
-            feeds = {n: a.astype(dtype) if a.dtype == np.float32 else a for n, a in feeds.items()}
-            request = pb.InferenceRequest(model_name=model, inputs=[pb.Tensor(n, a) for n, a in feeds.items()],
-                                          requested_output_names=outputs)
-            response = request.exec()
-            if response.has_error():
-                raise pb.TritonModelException(response.error().message())
-            return {n: np.asarray(pb.get_output_tensor_by_name(response, n).as_numpy(), dtype=np.float32)
-                    for n in outputs}
-
-        return call
 
     def execute(self, requests: list) -> list:
         pb = self.pb
@@ -79,3 +62,25 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.pipe = None
+
+
+class TritonModel:
+    """One ONNX model of the repository called through Triton, with :class:`~crdiff_cli.deploy.sessions.Component`'s
+    interface: named numpy inputs in (floats cast to the graph's ``dtype``), float32 outputs by name."""
+
+    def __init__(self, pb, model: str, outputs: list[str], dtype):
+        self.pb, self.model, self.outputs, self.dtype = pb, model, outputs, dtype
+
+    def keep(self, **arrays: np.ndarray) -> dict:
+        return arrays  # Triton copies inputs per request; nothing to keep on a device from here
+
+    def __call__(self, kept: dict | None = None, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        pb = self.pb
+        feeds = {n: a.astype(self.dtype) if a.dtype == np.float32 else a for n, a in {**(kept or {}), **feeds}.items()}
+        request = pb.InferenceRequest(model_name=self.model, inputs=[pb.Tensor(n, a) for n, a in feeds.items()],
+                                      requested_output_names=self.outputs)
+        response = request.exec()
+        if response.has_error():
+            raise pb.TritonModelException(response.error().message())
+        return {n: np.asarray(pb.get_output_tensor_by_name(response, n).as_numpy(), dtype=np.float32)
+                for n in self.outputs}
