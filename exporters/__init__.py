@@ -11,4 +11,7 @@ One concept per module, data flowing one way:
 - :mod:`.validate`: comparing an artifact with the live dual UNet (Optimum-style named errors).
 - :mod:`.bake`: export, then validate, then rename into place.
 - :mod:`.artifacts`: artifacts by path: format, metadata, attaching one to a pipeline.
+- :mod:`.onnx_components`: the text encoders and the VAE as ONNX graphs (ONNX Runtime / Optimum names).
+- :mod:`.onnx_pipeline`: a whole pipeline folder (:mod:`crdiff_cli.deploy` runs it without torch), verified.
+- :mod:`.tensorrt`: the TensorRT demo's UNet conventions and the engine-building recipe.
 """
