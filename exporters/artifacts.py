@@ -43,10 +43,14 @@ def require_onnx() -> None:
 
 
 def output_files(path: Path) -> list[Path]:
-    """Every file an artifact at ``path`` may consist of, the main file first."""
+    """Every file an artifact at ``path`` may consist of, the main file first (for a ``model.onnx`` also the
+    ``model.onnx.data`` crdiff named its external data before it followed Optimum's ``model.onnx_data``)."""
     from crdiff_cli.exporters.onnx_artifact import data_path
 
-    return [path, data_path(path)] if format_of(path) == "onnx" else [path]
+    if format_of(path) != "onnx":
+        return [path]
+    legacy = path.with_name(path.name + ".data")
+    return [path, data_path(path)] + ([legacy] if legacy != data_path(path) else [])
 
 
 def check_outputs(path: Path, overwrite: bool) -> None:

@@ -6,8 +6,9 @@ without constant folding, which would otherwise precompute the pruned pass's mas
 second copy. The :mod:`.metadata` table goes into ``metadata_props``.
 
 Weights live inside the ``.onnx`` file when they fit in protobuf's 2 GiB, else in ONE external data
-file ``<name>.onnx.data`` beside it (the TorchScript exporter writes one file per tensor for large
-models; they are streamed into that single file, 4 KiB-aligned, without loading the model).
+file beside it, ``<name>.onnx.data`` (``model.onnx_data`` for a ``model.onnx``, Optimum's name; recorded as
+``crdiff.external_data_file``). The TorchScript exporter writes one file per tensor for large models; they
+are streamed into that single file, 4 KiB-aligned, without loading the model.
 
 Integrity: every artifact records a SHA-256 of its initializers (:func:`initializers_sha256`; the same
 whether they are inline or external), and :func:`check_weights` refuses a file whose weights no longer
@@ -34,7 +35,7 @@ MAX_OPSET = 20  # the TorchScript exporter's limit; NVIDIA saw GroupNorm at opse
 INLINE_LIMIT = 2**31 - 2**26  # protobuf's 2 GiB, less headroom for the graph itself
 ALIGNMENT = 4096  # external tensors start on page boundaries, so runtimes may memory-map them
 DATA_SHA256, DATA_BYTES = "crdiff.external_data_sha256", "crdiff.external_data_bytes"  # integrity of NAME.onnx.data
-DATA_FILE = "crdiff.external_data_file"  # its name (artifacts baked before it: NAME.onnx.data)
+DATA_FILE_KEY = "crdiff.external_data_file"  # its name (artifacts baked before it: NAME.onnx.data)
 INIT_SHA256, INIT_HASH_METHOD = "crdiff.initializers_sha256", "crdiff.initializers_hash_method"  # of every artifact
 INIT_METHOD = "crdiff-onnx-initializers-sha256/1"
 
@@ -82,7 +83,7 @@ def export_onnx(unet, meta: ArtifactMetadata, path: Path, *, opset: int = DEFAUL
             digest, size = _write_external(model.graph.initializer, scratch, data_path(path))
             model.metadata_props.add(key=DATA_SHA256, value=digest)
             model.metadata_props.add(key=DATA_BYTES, value=str(size))
-            model.metadata_props.add(key=DATA_FILE, value=data_path(path).name)
+            model.metadata_props.add(key=DATA_FILE_KEY, value=data_path(path).name)
         # The digest goes first: the file ends with metadata_props, and a copy cut exactly between two entries
         # must lose part of the table (refused as damaged), not the digest (which would read as unverified).
         table = [(p.key, p.value) for p in model.metadata_props]
@@ -244,7 +245,11 @@ def check_weights(path: Path) -> str | None:
     """
     path = Path(path)
     props = metadata_props(path)
-    data = path.with_name(props.get(DATA_FILE, path.name + ".data"))
+    try:
+        data = path.with_name(props.get(DATA_FILE_KEY, path.name + ".data"))
+    except ValueError:  # a name with a separator, or empty: only a damaged or forged table has one
+        raise ArtifactError(f"{path} names its external data {props[DATA_FILE_KEY]!r}, not a file beside it; "
+                            "re-bake or re-download the artifact") from None
     if DATA_SHA256 in props:
         if not data.is_file():
             raise ArtifactError(f"{path} keeps its weights in {data.name}, which is missing; copy it beside the .onnx")

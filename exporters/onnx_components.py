@@ -79,8 +79,10 @@ def export_text_encoder(encoder: nn.Module, path: Path, *, hidden_states: bool, 
 
 def export_vae(vae: nn.Module, folder: Path, *, opset: int) -> None:
     """``folder/vae_decoder/model.onnx`` and ``folder/vae_encoder/model.onnx``."""
+    from crdiff_cli.deploy.folder import vae_scale
+
     config = vae.config
-    factor = 2 ** (len(config.block_out_channels) - 1)
+    factor = vae_scale(config)
     dtype = next(vae.parameters()).dtype
     latent = torch.zeros(1, config.latent_channels, 3, 2, dtype=dtype)
     image = torch.zeros(1, config.in_channels, 3 * factor, 2 * factor, dtype=dtype)

@@ -2,14 +2,15 @@
 
 The layout is :mod:`crdiff_cli.deploy.folder`'s (ONNX Runtime / Optimum's, which diffusers'
 ``OnnxStableDiffusionPipeline`` also loads). The folder is staged beside ``out`` and renamed into place only
-after it verified: the UNet against the live dual UNet as a single artifact is
-(:func:`~crdiff_cli.exporters.bake.verify_artifact`), the VAE encoder against PyTorch, and the whole folder by
-generating an image with the torch-free runner and with the live PyTorch pipeline (CR-Diff applied, same
-seed, 2 steps), which must agree within 2/255.
+after verification: the UNet against the live dual UNet (as :func:`~crdiff_cli.exporters.bake.verify_artifact`
+checks a single artifact), the VAE encoder against PyTorch, and the whole folder by generating an image with
+the torch-free runner and with the live PyTorch pipeline (CR-Diff applied, same seed, 2 steps), which must
+agree within 2/255.
 
-In fp16 the VAE stays fp32 when its config says ``force_upcast`` (SD1.x, SD2.x and SDXL's VAEs overflow in
-fp16 and decode black images; diffusers upcasts them at run time for the same reason); ``crdiff.json``
-records each component's dtype.
+In fp16 the VAE stays fp32 when its config says ``force_upcast``: SD1.x, SD2.x and SDXL's VAEs overflow in
+fp16 and can decode black images (diffusers' SDXL pipeline upcasts at run time for that reason; its SD1.x/2.x
+pipeline does not). ``crdiff.json`` records each component's dtype, and the fp16 verification decodes the live
+pipeline's latents with the same fp32 VAE.
 """
 
 from __future__ import annotations
@@ -75,10 +76,15 @@ def bake_pipeline(loaded, spec: PruneSpec, *, k: float, resolution: Resolution, 
 
     stage = on_stage or (lambda name: None)
     pipe, unet, family = loaded.pipe, loaded.unet, loaded.family
+    layout = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
     require_plain(unet)
     check_opset(opset)
-    if family not in TEXT_ENCODERS:
-        raise CrdiffError(f"ONNX pipeline folders are made for SD1.x, SD2.x and SDXL models, not {family}")
+    if not hasattr(pipe, "text_encoder") or not hasattr(pipe, "vae"):
+        raise CrdiffError(f"ONNX pipeline folders are made of Stable Diffusion (SD1.x/2.x/XL) pipelines, not "
+                          f"{type(pipe).__name__}")
+    if unet.config.get("time_cond_proj_dim") is not None:
+        raise CrdiffError("this UNet takes a guidance embedding (time_cond_proj_dim: LCM-distilled), which the "
+                          "ONNX pipeline runner does not feed yet; bake an .onnx or .safetensors artifact instead")
     start = time.perf_counter()
     stage("hashing the dense weights")
     meta = ArtifactMetadata.describe(unet, spec, k, resolution, family, PoaPolicy())
@@ -88,10 +94,10 @@ def bake_pipeline(loaded, spec: PruneSpec, *, k: float, resolution: Resolution, 
         export_onnx(unet, meta, tmp / "unet" / "model.onnx", opset=opset)
         unet.save_config(tmp / "unet")
         dtypes = {"unet": meta.dtype}
-        for encoder in TEXT_ENCODERS[family]:
+        for encoder in TEXT_ENCODERS[layout]:
             stage(f"exporting {encoder}")
             model = getattr(pipe, encoder)
-            export_text_encoder(model, tmp / encoder / "model.onnx", hidden_states=family == "sdxl", opset=opset)
+            export_text_encoder(model, tmp / encoder / "model.onnx", hidden_states=layout == "sdxl", opset=opset)
             model.config.save_pretrained(tmp / encoder)
             getattr(pipe, TOKENIZERS[encoder]).save_pretrained(tmp / TOKENIZERS[encoder])
             dtypes[encoder] = _dtype(model)
@@ -104,7 +110,7 @@ def bake_pipeline(loaded, spec: PruneSpec, *, k: float, resolution: Resolution, 
             vae.save_config(tmp / part)
             dtypes[part] = _dtype(vae)
         pipe.scheduler.save_config(tmp / "scheduler")
-        _write_json(tmp / "model_index.json", _model_index(pipe, family))
+        _write_json(tmp / "model_index.json", _model_index(pipe, layout))
         report = pixels = None
         try:
             if verify:
@@ -115,35 +121,56 @@ def bake_pipeline(loaded, spec: PruneSpec, *, k: float, resolution: Resolution, 
             if tensorrt_conventions:
                 apply_tensorrt_conventions(tmp / "unet" / "model.onnx")
             (tmp / "TENSORRT.md").write_text(_recipe(unet, meta, tensorrt_conventions), encoding="utf-8")
-            record = _record(meta, dtypes, source or loaded.source, tmp, "tensorrt" if tensorrt_conventions else None)
+            record = _record(meta, layout, dtypes, source or loaded.source, tmp,
+                             "tensorrt" if tensorrt_conventions else None)
             _write_json(tmp / RECORD, record)
             if verify:
                 stage("verifying the whole folder against the live pipeline")
-                pixels = verify_folder(tmp, loaded, spec, k, resolution)
+                pixels = verify_folder(tmp, loaded, spec, k, resolution, vae)
         except VerificationError as exc:
             raise type(exc)(f"{exc}; no folder was written") from None
     return PipelineBakeResult(Path(out), meta, record, report, pixels, time.perf_counter() - start)
 
 
-def verify_folder(folder: Path, loaded, spec: PruneSpec, k: float, resolution: Resolution, *, steps: int = 2,
+def verify_folder(folder: Path, loaded, spec: PruneSpec, k: float, resolution: Resolution, vae, *, steps: int = 2,
                   seed: int = 0, prompt: str = "a photograph of an astronaut riding a horse") -> int:
     """Generate one image with the torch-free runner on ``folder`` and one with ``loaded``'s pipeline with
-    CR-Diff applied (same prompt, seed, steps, the base scheduler); returns their largest pixel difference and
-    raises :class:`~crdiff_cli.exporters.validate.ToleranceExceededError` above :data:`IMAGE_TOLERANCE`."""
+    CR-Diff applied (same prompt, seed, steps and scheduler: the base one, or Euler when it has no numpy twin),
+    its latents decoded by ``vae`` (the folder's VAE: an fp32 copy in an fp16 folder); returns their largest
+    pixel difference and raises :class:`~crdiff_cli.exporters.validate.ToleranceExceededError` above
+    :data:`IMAGE_TOLERANCE`."""
     import numpy as np
+    import torch
 
+    from crdiff_cli import defaults
     from crdiff_cli.deploy.runner import OnnxCrdiffPipeline
+    from crdiff_cli.deploy.schedulers import make_scheduler
     from crdiff_cli.dual.apply import apply_crdiff, remove_crdiff
     from crdiff_cli.exporters.validate import ToleranceExceededError
-    from crdiff_cli.pipelines.generation import GenerationSettings, generate_image
+    from crdiff_cli.pipelines.schedulers import set_scheduler
 
-    runner = OnnxCrdiffPipeline.from_folder(folder, provider="cpu")
-    ours = runner(prompt, seeds=seed, steps=steps, height=resolution.height, width=resolution.width)[0]
-    apply_crdiff(loaded.pipe, spec, k=k)
+    pipe = loaded.pipe
     try:
-        live = generate_image(loaded.pipe, prompt, seed, GenerationSettings(resolution, steps))
+        make_scheduler(None, dict(pipe.scheduler.config))
+        scheduler = None
+    except ValueError:
+        scheduler = "euler"
+    runner = OnnxCrdiffPipeline.from_folder(folder, provider="cpu")
+    ours = runner(prompt, seeds=seed, steps=steps, height=resolution.height, width=resolution.width,
+                  scheduler=scheduler)[0]
+    base_scheduler = pipe.scheduler
+    set_scheduler(pipe, scheduler)
+    apply_crdiff(pipe, spec, k=k)
+    try:
+        latents = pipe(prompt, height=resolution.height, width=resolution.width, num_inference_steps=steps,
+                       guidance_scale=defaults.GUIDANCE, generator=torch.Generator("cpu").manual_seed(seed),
+                       output_type="latent").images
+        with torch.no_grad():
+            decoded = vae.decode(_unscaled(latents.to(vae.dtype), vae.config), return_dict=False)[0]
+        live = pipe.image_processor.postprocess(decoded.float(), output_type="pil")[0]
     finally:
-        remove_crdiff(loaded.pipe)
+        remove_crdiff(pipe)
+        pipe.scheduler = base_scheduler
     difference = int(np.abs(np.asarray(ours, np.int16) - np.asarray(live, np.int16)).max())
     if difference > IMAGE_TOLERANCE:
         raise ToleranceExceededError(f"verification failed: the folder's image differs from the live pipeline's by "
@@ -151,15 +178,26 @@ def verify_folder(folder: Path, loaded, spec: PruneSpec, k: float, resolution: R
     return difference
 
 
+def _unscaled(latents, config):
+    """Latents as the VAE decodes them, as diffusers' pipelines unscale them (SDXL's latents_mean/std too)."""
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        return (latents * latents.new_tensor(std).view(shape) / config.scaling_factor
+                + latents.new_tensor(mean).view(shape))
+    return latents / config.scaling_factor
+
+
 def _verify_vae_encoder(folder: Path, vae) -> None:
     """The exported VAE encoder against ``vae.encode(x).latent_dist.mean`` on a seeded image."""
     import onnxruntime as ort
     import torch
 
+    from crdiff_cli.deploy.folder import vae_scale
     from crdiff_cli.exporters.validate import TOLERANCES, ToleranceExceededError
 
     dtype = next(vae.parameters()).dtype
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale(vae.config)
     image = torch.rand(1, vae.config.in_channels, 2 * factor, 3 * factor, generator=torch.Generator().manual_seed(0))
     image = (image * 2 - 1).to(dtype)
     with torch.no_grad():
@@ -177,19 +215,19 @@ def _dtype(model) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def _model_index(pipe, family: str) -> dict:
+def _model_index(pipe, layout: str) -> dict:
     """``model_index.json`` as diffusers' ONNX pipeline (SD1.x/2.x) and Optimum's loaders read it."""
     import diffusers
 
     onnx_model = ["diffusers", "OnnxRuntimeModel"]
-    index = {"_class_name": PIPELINE_CLASSES.get(family, "OnnxStableDiffusionPipeline"),
+    index = {"_class_name": PIPELINE_CLASSES.get(layout, "OnnxStableDiffusionPipeline"),
              "_diffusers_version": diffusers.__version__,
              "scheduler": ["diffusers", type(pipe.scheduler).__name__],
              "unet": onnx_model, "vae_decoder": onnx_model, "vae_encoder": onnx_model}
-    for encoder in TEXT_ENCODERS[family]:
+    for encoder in TEXT_ENCODERS[layout]:
         index[encoder] = onnx_model
         index[TOKENIZERS[encoder]] = ["transformers", type(getattr(pipe, TOKENIZERS[encoder])).__name__]
-    if family == "sdxl":
+    if layout == "sdxl":
         index["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
@@ -205,17 +243,20 @@ def _recipe(unet, meta: ArtifactMetadata, conventions: bool) -> str:
         time_dim = config["addition_time_embed_dim"]
         added = {"text_embeds": config["projection_class_embeddings_input_dim"] - 6 * time_dim, "time_ids": 6}
     return recipe(family=meta.family, dtype=meta.dtype, height=meta.resolution.height, width=meta.resolution.width,
-                  text_dim=config["cross_attention_dim"], added=added, conventions=conventions)
+                  channels=config["in_channels"], text_dim=config["cross_attention_dim"], added=added,
+                  conventions=conventions)
 
 
-def _record(meta: ArtifactMetadata, dtypes: dict[str, str], source: str, folder: Path, conventions: str | None) -> dict:
+def _record(meta: ArtifactMetadata, layout: str, dtypes: dict[str, str], source: str, folder: Path,
+            conventions: str | None) -> dict:
     """``crdiff.json``: what was baked, from which base model, the sizes it serves, and every file's SHA-256."""
     from crdiff_cli.deploy.folder import resolution_range
     from crdiff_cli.storage.digest_cache import file_sha256
 
     files = {name: file_sha256(folder / name) for name in sorted(files_in(folder) - {RECORD})}
     resolution = meta.resolution
-    return {"format": FORMAT, "crdiff_version": __version__, "family": meta.family, "base_model": source,
+    return {"format": FORMAT, "crdiff_version": __version__, "family": meta.family, "layout": layout,
+            "base_model": source,
             "base_unet_sha256": meta.base_unet_sha256, "unet_conventions": conventions or "onnxruntime",
             "resolution": {"height": resolution.height, "width": resolution.width},
             "resolution_range": resolution_range(resolution.height, resolution.width),

@@ -1,14 +1,11 @@
-"""Running an ONNX artifact with ONNX Runtime: provider choice, the mask-folding trade-off, and a
-``unet`` adapter so diffusers' Stable Diffusion pipelines can call the graph.
+"""Running an ONNX artifact with ONNX Runtime: sessions (weights checked first), IO binding, and a ``unet``
+adapter so diffusers' Stable Diffusion pipelines can call the graph.
 
-Mask folding: at session creation ONNX Runtime constant-folds every node whose inputs are
-all initializers, so each in-graph ``Where(|W| > t, W, 0)`` becomes a precomputed masked copy: the
-pruned pass then runs as fast as the dense one, at the price of a second resident copy of the target
-weights. ``fold_masks=False`` disables the ``ConstantFolding`` optimizer (session config
-``optimization.disable_specified_optimizers``) and weight prepacking (``session.disable_prepacking``:
-a prepacked MatMul keeps its own packed copy, and the original must stay for the masks, so folding
-off alone saved nothing when measured on SD1.5): one copy of the weights, a mask per target per call,
-slower. The file on disk is the same either way.
+Providers and session options are :mod:`crdiff_cli.deploy.sessions`' (shared with the torch-free runner),
+including the mask-folding trade-off: by default ONNX Runtime folds each in-graph ``Where(|W| > t, W, 0)``
+into a precomputed masked copy at session creation (the pruned pass as fast as the dense one, the target
+weights resident twice); ``fold_masks=False`` keeps one copy and masks per call (slower; folding off alone
+saved nothing when measured on SD1.5, hence prepacking off too). The file on disk is the same either way.
 
 Policy graphs (:mod:`.onnx_policy`, input ``poa_pass``) fold the same way: ONNX Runtime folds the masks inside
 the pruned pass's ``If`` branch too (outer-scope initializers count as constants), once, as the pass is in the
@@ -27,37 +24,6 @@ from torch import nn
 from crdiff_cli.errors import CrdiffError, ParameterError, first_line
 from crdiff_cli.exporters.metadata import ArtifactError, ArtifactMetadata
 
-PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-
-
-def choose_providers(provider: str | None) -> list[str]:
-    """ONNX Runtime providers in order of preference: ``provider`` if forced, else TensorRT, CUDA, CPU."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if provider is None:
-        return [p for p in PROVIDERS.values() if p in available]
-    if provider not in PROVIDERS:
-        raise CrdiffError(f"unknown --provider {provider!r}; use one of {', '.join(PROVIDERS)}")
-    if PROVIDERS[provider] not in available:
-        raise CrdiffError(f"ONNX Runtime provider {PROVIDERS[provider]} is not available here (available: "
-                          f"{', '.join(available)}); install onnxruntime-gpu for cuda/tensorrt")
-    return [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-
-
-def session_options(fold_masks: bool = True, threads: int | None = None):
-    """SessionOptions: quiet logging; ``fold_masks=False`` keeps the masks computed per call."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: folding warnings would be printed per node
-    if not fold_masks:
-        options.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    if threads:
-        options.intra_op_num_threads = threads
-    return options
-
 
 def open_session(path: Path, *, provider: str | None = None, fold_masks: bool = True, threads: int | None = None,
                  warn: Callable[[str], None] | None = None):
@@ -70,17 +36,18 @@ def open_session(path: Path, *, provider: str | None = None, fold_masks: bool = 
     """
     import onnxruntime as ort
 
+    from crdiff_cli.deploy.sessions import providers_for, session_options, with_settings
     from crdiff_cli.exporters import onnx_artifact
 
-    providers = choose_providers(provider)
+    providers = providers_for(provider)
     unverified = onnx_artifact.check_weights(path)
     if unverified:
         (warn or _warn)(unverified)
     try:
-        return ort.InferenceSession(str(path), session_options(fold_masks, threads), providers=providers)
+        return ort.InferenceSession(str(path), session_options(fold_masks, threads), providers=with_settings(providers))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
-        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first_line(exc)}); the file or its "
-                            f"{Path(path).name}.data may be truncated or corrupt") from None
+        raise ArtifactError(f"ONNX Runtime cannot load {path} ({first_line(exc)}); the file or its external data "
+                            "may be truncated or corrupt") from None
 
 
 def run_session(session, inputs: dict, poa_pass: int | None = None, bind: bool = False):
@@ -127,6 +94,8 @@ def _run_bound(session, tensors: dict, names: list[str]) -> list:
     for name, out in zip(names, outputs):
         binding.bind_output(name, out.device.type, out.device.index or 0, _numpy_dtype(out), tuple(out.shape),
                             out.data_ptr())
+    if sample.is_cuda:  # ONNX Runtime runs on its own stream: the inputs torch wrote must be complete first
+        torch.cuda.synchronize(sample.device)
     session.run_with_iobinding(binding)
     return outputs
 

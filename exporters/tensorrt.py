@@ -2,8 +2,8 @@
 
 The demo (TensorRT's ``demo/Diffusion``) names the UNet output ``latent`` and feeds ``timestep`` as a scalar;
 ``--tensorrt-conventions`` rewrites the exported graph's interface to match: the output is renamed and the
-scalar input is unsqueezed to the ``[1]`` the traced graph computes with. The weights and the computation are
-untouched (the initializers digest stays valid). diffusers' ``OnnxStableDiffusionPipeline`` feeds a ``[1]``
+scalar input is unsqueezed to the ``[1]`` the traced graph computes with (a ``Constant`` node holds the axes,
+so the initializers and their digest are untouched, and so is the computation). diffusers' ``OnnxStableDiffusionPipeline`` feeds a ``[1]``
 timestep, so a folder with these conventions is for TensorRT and crdiff's own runner.
 
 :func:`recipe` is the ``TENSORRT.md`` written into every folder: building a strongly typed engine (precision
@@ -37,14 +37,14 @@ def apply_tensorrt_conventions(path: Path) -> None:
     timestep = next(i for i in graph.input if i.name == "timestep")
     timestep.type.tensor_type.shape.ClearField("dim")
     axes = helper.make_tensor("timestep_axes", onnx.TensorProto.INT64, [1], [0])
-    graph.initializer.append(axes)
-    graph.node.insert(0, helper.make_node("Unsqueeze", ["timestep", "timestep_axes"], [SCALAR_SOURCE],
+    graph.node.insert(0, helper.make_node("Constant", [], ["timestep_axes"], value=axes, name="timestep_axes"))
+    graph.node.insert(1, helper.make_node("Unsqueeze", ["timestep", "timestep_axes"], [SCALAR_SOURCE],
                                           name="timestep_to_1d"))
     onnx.save_model(model, str(path))
 
 
-def recipe(*, family: str, dtype: str, height: int, width: int, text_dim: int, added: dict[str, int] | None,
-           conventions: bool) -> str:
+def recipe(*, family: str, dtype: str, height: int, width: int, channels: int, text_dim: int,
+           added: dict[str, int] | None, conventions: bool) -> str:
     """``TENSORRT.md``: build commands with min/opt/max shapes around ``height`` x ``width`` (pixels), the range
     the folder declares (:func:`~crdiff_cli.deploy.folder.resolution_range`)."""
     from crdiff_cli.deploy.folder import resolution_range
@@ -52,12 +52,12 @@ def recipe(*, family: str, dtype: str, height: int, width: int, text_dim: int, a
     limits = resolution_range(height, width)
     latent = (height // 8, width // 8)
     sizes = {"min": tuple(v // 8 for v in limits["min"]), "opt": latent, "max": tuple(v // 8 for v in limits["max"])}
-    batches = {"min": 2, "opt": 2, "max": 8}  # classifier-free guidance doubles the batch: 1-4 images
+    batches = {"min": 1, "opt": 2, "max": 8}  # 1: no guidance; guidance doubles the batch: 1-4 images
 
     def shapes(kind: str) -> list[tuple[str, list[int]]]:
         """The dynamic inputs' shapes (a scalar timestep is static: no profile entry)."""
         b, (h, w) = batches[kind], sizes[kind]
-        parts = [("sample", [b, 4, h, w])] + ([] if conventions else [("timestep", [1])])
+        parts = [("sample", [b, channels, h, w])] + ([] if conventions else [("timestep", [1])])
         parts.append(("encoder_hidden_states", [b, 77, text_dim]))
         return parts + [(name, [b, dim]) for name, dim in (added or {}).items()]
 
@@ -79,7 +79,7 @@ The UNet graph is {family}, {dtype}, baked for {height}x{width} pixels (latent {
 A strongly typed engine takes its precision from the ONNX file: bake with `--dtype fp16` for an fp16 engine.
 Its output is `{output}`; its timestep is {timestep}.
 
-Shapes: batch 2-8 (classifier-free guidance doubles 1-4 images), latent from half to 1.5x the baked size
+Shapes: batch 1-8 (1 image without guidance; guidance doubles 1-4 images), latent from half to 1.5x the baked size
 (min {sizes["min"][0]}x{sizes["min"][1]}, opt {latent[0]}x{latent[1]}, max {sizes["max"][0]}x{sizes["max"][1]}): the
 range the folder declares in crdiff.json (`resolution_range`, pixels), which crdiff's runner enforces too.
 
@@ -89,7 +89,8 @@ range the folder declares in crdiff.json (`resolution_range`, pixels), which crd
 
        python -c "import onnx, onnx_graphsurgeon as gs; g = gs.import_onnx(onnx.load('unet/model.onnx')); \\
        g.cleanup().toposort(); g.fold_constants().cleanup(); \\
-       onnx.save(gs.export_onnx(g), 'unet/model_optimized.onnx', save_as_external_data=True)"
+       onnx.save(gs.export_onnx(g), 'unet/model_optimized.onnx', save_as_external_data=True, \\
+       location='model_optimized.onnx_data')"
 
    The demo takes a ready graph at `<onnx-dir>/unet/model_optimized.onnx`.
 

@@ -23,7 +23,7 @@ from helpers import invoke, ok, run
 pytest.importorskip("onnxruntime")
 
 PROMPT = "a red fox in the snow"
-BLOCKED = ("torch", "diffusers", "transformers")
+BLOCKED = ("torch", "diffusers", "transformers", "onnx")  # onnxruntime is a package of its own
 # Runs crdiff's CLI in a process where importing torch, diffusers or transformers raises ImportError.
 NO_TORCH = f"""
 import sys
@@ -262,6 +262,8 @@ def test_swapped_unet_from_another_bake_refused(copy_of, tmp_path, tiny_dirs):
     (["--model", "tiny"], "--model does not apply to --pipeline"),
     (["--scheduler", "heun"], "heun"),
     (["--provider", "tensorrt"], "not available here"),
+    (["--num-images", "0"], "--num-images 0 must be at least 1"),
+    (["--control-scale", "0.5"], "--control-scale does not apply to --pipeline"),
 ])
 def test_bad_generate_options(folders, tmp_path, extra, words):
     _refused(_generate(folders["tiny"], tmp_path / "out", *extra), words, tmp_path / "out")
@@ -311,7 +313,8 @@ def test_triton_repository(folders, tmp_path):
     folder, repo = tmp_path / "folder", tmp_path / "repo"
     ok(invoke("bake", "--model", "tiny-sdxl", "--res", "64x64", "--format", "onnx-pipeline", "--out", folder,
               "--triton", repo, "--no-verify"))
-    types = {"TYPE_FP32": onnx.TensorProto.FLOAT, "TYPE_INT32": onnx.TensorProto.INT32}
+    types = {"TYPE_FP32": onnx.TensorProto.FLOAT, "TYPE_FP16": onnx.TensorProto.FLOAT16,
+             "TYPE_INT32": onnx.TensorProto.INT32}
     for component in ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"):
         config = text_format.Parse((repo / f"crdiff_{component}" / "config.pbtxt").read_text(),
                                    grpc.model_config_pb2.ModelConfig())
@@ -347,9 +350,117 @@ def test_tensorrt_conventions(folders, tmp_path):
     assert len(next(i for i in graph.input if i.name == "timestep").type.tensor_type.shape.dim) == 0
     recipe = (folder / "TENSORRT.md").read_text()
     assert "not yet run on a GPU" in recipe and "--trt-opt-shapes sample:[2,4,8,8]" in recipe
-    assert "--trt-min-shapes sample:[2,4,4,4]" in recipe and "--minShapes=sample:2x4x4x4" in recipe
+    assert "--trt-min-shapes sample:[1,4,4,4]" in recipe and "--minShapes=sample:1x4x4x4" in recipe
     assert "--maxShapes=sample:8x4x12x12" in recipe and "timestep:" not in recipe
     ours = OnnxCrdiffPipeline.from_folder(folder, provider="cpu")(PROMPT, seeds=6, steps=2)[0]
     plain = OnnxCrdiffPipeline.from_folder(folders["tiny"], provider="cpu")(PROMPT, seeds=6, steps=2)[0]
     assert np.array_equal(pixels(ours), pixels(plain))
 
+
+
+def test_fp16_folder(tmp_path):
+    """--dtype fp16: UNet and text encoder fp16, the VAE kept fp32 (force_upcast); --verify passed (2/255
+    against the live fp16 pipeline, its latents decoded by the same fp32 VAE)."""
+    import onnx
+
+    folder = tmp_path / "fp16"
+    ok(invoke("bake", "--model", "tiny", "--res", "64x64", "--format", "onnx-pipeline", "--out", folder, "--dtype",
+              "fp16"))
+    record = json.loads((folder / "crdiff.json").read_text())
+    assert {c: v["dtype"] for c, v in record["components"].items()} == {
+        "unet": "float16", "text_encoder": "float16", "vae_decoder": "float32", "vae_encoder": "float32"}
+    graph = onnx.load(str(folder / "text_encoder" / "model.onnx")).graph
+    assert {onnx.TensorProto.DataType.Name(t.data_type) for t in graph.initializer if len(t.dims) == 2} == {"FLOAT16"}
+
+
+def test_triton_casts_to_what_the_graphs_declare(tmp_path):
+    """An fp16 repository: the Python model casts each input to the type its config.pbtxt declares (the fp16
+    UNet's sample is fp16, its timestep stays fp32; input ids int32)."""
+    grpc = pytest.importorskip("tritonclient.grpc")
+    from google.protobuf import text_format
+
+    from crdiff_cli.deploy.triton import MARKER
+    from crdiff_cli.deploy.triton_backend import cast_inputs
+
+    repo = tmp_path / "repo"
+    ok(invoke("bake", "--model", "tiny", "--res", "64x64", "--format", "onnx-pipeline", "--out", tmp_path / "f",
+              "--dtype", "fp16", "--triton", repo, "--no-verify"))
+    record = json.loads((repo / MARKER).read_text())
+    numpy_types = {"TYPE_FP32": np.float32, "TYPE_FP16": np.float16, "TYPE_INT32": np.int32}
+    feeds = {"crdiff_unet": {"sample": np.zeros((2, 4, 8, 8), np.float32), "timestep": np.array([5.0], np.float32),
+                             "encoder_hidden_states": np.zeros((2, 77, 32), np.float32)},
+             "crdiff_text_encoder": {"input_ids": np.zeros((1, 77), np.int32)},
+             "crdiff_vae_decoder": {"latent_sample": np.zeros((1, 4, 8, 8), np.float32)}}
+    for model, inputs in feeds.items():
+        config = text_format.Parse((repo / model / "config.pbtxt").read_text(), grpc.model_config_pb2.ModelConfig())
+        declared = {t.name: numpy_types[grpc.model_config_pb2.DataType.Name(t.data_type)] for t in config.input}
+        cast = cast_inputs(record["input_types"][model], inputs)
+        assert {name: a.dtype.type for name, a in cast.items()} == declared
+    assert declared == {"latent_sample": np.float32}
+    assert set(record["files"]) == {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()}
+
+
+def test_triton_refusals(folders, tmp_path):
+    """Refused before the model loads: the scalar timestep with --triton, overlapping folders; and --overwrite
+    never replaces a repository holding a file crdiff did not write."""
+    base = ["bake", "--model", "tiny", "--res", "64x64", "--format", "onnx-pipeline", "--no-verify"]
+    result = invoke(*base, "--out", tmp_path / "a", "--triton", tmp_path / "t", "--tensorrt-conventions")
+    assert result.exit_code == 2 and "drop --tensorrt-conventions or --triton" in result.stderr
+    result = invoke(*base, "--out", tmp_path / "b", "--triton", tmp_path / "b" / "triton")
+    assert result.exit_code == 2 and "overlap" in result.stderr and not (tmp_path / "b").exists()
+    ok(invoke(*base, "--out", tmp_path / "c", "--triton", tmp_path / "t"))
+    (tmp_path / "t" / "crdiff_unet" / "2").mkdir()
+    (tmp_path / "t" / "crdiff_unet" / "2" / "mine.onnx").write_text("a user's model")
+    result = invoke(*base, "--out", tmp_path / "d", "--triton", tmp_path / "t", "--overwrite")
+    assert result.exit_code == 2 and "not a Triton model repository written by crdiff" in result.stderr
+    assert (tmp_path / "t" / "crdiff_unet" / "2" / "mine.onnx").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("damage", ["resolution", "resolution_range", "base_model", "k", "files"])
+def test_damaged_record_refused(copy_of, tmp_path, damage):
+    folder = copy_of()
+    record = json.loads((folder / "crdiff.json").read_text())
+    if damage == "k":
+        record["k"] = "abc"
+    elif damage == "files":
+        record["files"]["../outside.txt"] = "0" * 64
+    else:
+        del record[damage]
+    (folder / "crdiff.json").write_text(json.dumps(record))
+    _refused(_generate(folder, tmp_path / "out"), "crdiff.json is damaged", tmp_path / "out")
+
+
+def test_tensorrt_conventions_keep_the_weights_digest(tmp_path):
+    from crdiff_cli.exporters.onnx_artifact import check_weights
+
+    folder = tmp_path / "trt"
+    ok(invoke("bake", "--model", "tiny", "--res", "64x64", "--format", "onnx-pipeline", "--out", folder,
+              "--tensorrt-conventions", "--no-verify"))
+    assert check_weights(folder / "unet" / "model.onnx") is None
+
+
+def test_base_scheduler_without_numpy_twin(tiny_dirs, tmp_path):
+    """A model whose scheduler has no numpy twin (UniPC) bakes and verifies (with Euler); the folder then asks for
+    --scheduler in one line, and runs with one."""
+    from diffusers import UniPCMultistepScheduler
+
+    from crdiff_cli.pipelines.loading import load_model
+
+    loaded = load_model("tiny")
+    loaded.pipe.scheduler = UniPCMultistepScheduler.from_config(loaded.pipe.scheduler.config)
+    loaded.pipe.save_pretrained(tmp_path / "unipc-model")
+    folder = tmp_path / "folder"
+    ok(invoke("bake", "--model", tmp_path / "unipc-model", "--res", "64x64", "--format", "onnx-pipeline", "--out",
+              folder, "--ratios", "0.4/0.3/0.2"))
+    assert json.loads((folder / "crdiff.json").read_text())["layout"] == "sd"
+    _refused(_generate(folder, tmp_path / "out"), "choose a scheduler name", tmp_path / "out")
+    ok(_generate(folder, tmp_path / "out", "--scheduler", "euler"))
+
+
+def test_tensorrt_provider_gets_an_engine_cache(crdiff_cache):
+    """ONNX Runtime's TensorRT provider builds engines per model and shape: they are cached in crdiff's cache."""
+    from crdiff_cli.deploy.sessions import with_settings
+
+    trt, cpu = with_settings(["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    assert cpu == "CPUExecutionProvider" and trt[0] == "TensorrtExecutionProvider"
+    assert trt[1]["trt_engine_cache_enable"] and trt[1]["trt_engine_cache_path"] == str(crdiff_cache / "tensorrt-engines")

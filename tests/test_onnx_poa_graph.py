@@ -17,13 +17,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from crdiff_cli.deploy.sessions import session_options
 from crdiff_cli.dual.unet import DualUNet
 from crdiff_cli.errors import CrdiffError, ParameterError
 from crdiff_cli.exporters.metadata import ArtifactMetadata
 from crdiff_cli.exporters.onnx_artifact import (INIT_SHA256, check_onnx, check_weights, data_path, export_onnx,
                                                 initializer_bytes, initializers_sha256, metadata_props)
 from crdiff_cli.exporters.onnx_graph import example_inputs, trace_shape
-from crdiff_cli.exporters.onnx_runtime import has_poa_pass, open_session, run_session, session_options
+from crdiff_cli.exporters.onnx_runtime import has_poa_pass, open_session, run_session
 from crdiff_cli.exporters.validate import TOLERANCES, unet_call
 from crdiff_cli.pruning.ratios import Ratios
 from crdiff_cli.pruning.resolution import Resolution

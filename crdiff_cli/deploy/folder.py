@@ -31,7 +31,8 @@ RECORD = "crdiff.json"
 FORMAT = "crdiff-onnx-pipeline/1"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"  # Optimum's name for a component's external weights
-TEXT_ENCODERS = {"sd15": ("text_encoder",), "sd21": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+# The two pipeline layouts: SD1.x/2.x-style (one CLIP text encoder) and SDXL-style (two, pooled embeddings, time_ids)
+TEXT_ENCODERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 IMAGE_MODELS = ("unet", "vae_decoder", "vae_encoder")
 
@@ -40,9 +41,9 @@ class PipelineFolderError(CrdiffError):
     """A folder that is not a complete, unchanged crdiff ONNX pipeline."""
 
 
-def components(family: str) -> tuple[str, ...]:
-    """The ONNX model folders of a pipeline of ``family``."""
-    return (*TEXT_ENCODERS[family], *IMAGE_MODELS)
+def components(layout: str) -> tuple[str, ...]:
+    """The ONNX model folders of a pipeline of ``layout`` (``sd`` or ``sdxl``)."""
+    return (*TEXT_ENCODERS[layout], *IMAGE_MODELS)
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,12 @@ class PipelineFolder:
         return self.record["family"]
 
     @property
+    def layout(self) -> str:
+        return self.record["layout"]
+
+    @property
     def sdxl(self) -> bool:
-        return self.family == "sdxl"
+        return self.layout == "sdxl"
 
     @property
     def k(self) -> float:
@@ -125,7 +130,7 @@ def files_in(folder: Path) -> set[str]:
 
 def open_folder(path: Path, locate: Callable[[str], Path] | None = None) -> PipelineFolder:
     """Check the pipeline folder at ``path``: its record, every listed file present with its SHA-256, the
-    components its family needs; one :class:`PipelineFolderError` line otherwise. ``locate`` maps a listed
+    components its layout needs; one :class:`PipelineFolderError` line otherwise. ``locate`` maps a listed
     file to where it is, when not under ``path``."""
     path = Path(path)
     locate = locate or (lambda name: path / name)
@@ -140,10 +145,8 @@ def open_folder(path: Path, locate: Callable[[str], Path] | None = None) -> Pipe
         raise PipelineFolderError(f"{path / RECORD} has format {record.get('format')!r}; this crdiff reads {FORMAT}: "
                                   "re-bake the folder or upgrade crdiff")
     try:
-        family, files = record["family"], dict(record["files"])
-        needed = components(family)
-        for component in needed:
-            record["components"][component]["dtype"]
+        layout, files = _check_record(record)
+        needed = components(layout)
     except (KeyError, TypeError, ValueError) as exc:
         raise PipelineFolderError(f"{path / RECORD} is damaged ({type(exc).__name__}: {exc}); re-bake the "
                                   "folder") from None
@@ -157,6 +160,32 @@ def open_folder(path: Path, locate: Callable[[str], Path] | None = None) -> Pipe
         raise PipelineFolderError(f"{path / RECORD} does not list {unlisted[0]}; re-bake the folder")
     _check_digests(locate, files)
     return PipelineFolder(path, record, locate)
+
+
+def _check_record(record: dict) -> tuple[str, dict[str, str]]:
+    """``(layout, files)`` of a record whose every field the runner reads has its type (``crdiff.json`` is the
+    one file without a digest); KeyError, TypeError or ValueError otherwise."""
+    layout, files = record["layout"], dict(record["files"])
+    if layout not in TEXT_ENCODERS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(TEXT_ENCODERS)}")
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts or not isinstance(files[name], str):
+            raise ValueError(f"the file entry {name!r} is not a path inside the folder with its SHA-256")
+    for component in components(layout):
+        if record["components"][component]["dtype"] not in ("float32", "float16"):
+            raise ValueError(f"{component} has dtype {record['components'][component]['dtype']!r}")
+    sizes = [record["resolution"]["height"], record["resolution"]["width"], *record["resolution_range"]["min"],
+             *record["resolution_range"]["max"]]
+    if len(sizes) != 6 or not all(isinstance(v, int) and v > 0 for v in sizes):
+        raise ValueError("resolution and resolution_range must hold positive integer pixel sizes")
+    float(record["k"])
+    str(record["family"]), str(record["base_model"]), dict(record["ratios"]), dict(record["thresholds"])
+    return layout, files
+
+
+def vae_scale(vae_config) -> int:
+    """Image pixels per latent pixel of a VAE with this config (8 for SD1.x/2.x/XL)."""
+    return 2 ** (len(dict(vae_config)["block_out_channels"]) - 1)
 
 
 def _check_model_index(path: Path, needed: tuple[str, ...]) -> None:

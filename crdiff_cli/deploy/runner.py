@@ -21,13 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from crdiff_cli import defaults
-from crdiff_cli.deploy.folder import TOKENIZERS, PipelineFolder, components, open_folder, read_json
+from crdiff_cli.deploy.folder import TOKENIZERS, PipelineFolder, components, open_folder, read_json, vae_scale
 from crdiff_cli.errors import CrdiffError, ParameterError
-
-
-def vae_scale(vae_config: dict) -> int:
-    """Image pixels per latent pixel."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def check_request(folder: PipelineFolder, height: int | None, width: int | None, scheduler: str | None):
@@ -78,14 +73,13 @@ class OnnxCrdiffPipeline:
         from crdiff_cli.deploy.sessions import Component, providers_for
         from crdiff_cli.deploy.tokenizer import ClipTokenizer
 
-        if models is None:
-            providers = providers_for(provider)
-
-            def models(component: str, model: Path) -> Component:
-                return Component(model, providers, threads, bind)
-
+        providers = providers_for(provider) if models is None else None  # a bad --provider before the digests
         folder = open_folder(Path(path), locate)
-        needed = [c for c in components(folder.family) if c != "vae_encoder"]  # text-to-image does not encode
+        if models is None:
+            def models(component: str, model: Path) -> Component:
+                return Component(model, providers, threads, bind, folder.dtype(component))
+
+        needed = [c for c in components(folder.layout) if c != "vae_encoder"]  # text-to-image does not encode
         opened = {c: models(c, folder.model(c)) for c in needed}
         tokenizers = {c: ClipTokenizer(folder.path / TOKENIZERS[c]) for c in opened if c in TOKENIZERS}
         return cls(folder, opened, tokenizers)

@@ -24,7 +24,8 @@ _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(do
 
 
 def providers_for(provider: str | None) -> list[str]:
-    """ONNX Runtime providers in order of preference: ``provider`` if forced, else TensorRT, CUDA, CPU."""
+    """ONNX Runtime providers in order of preference: ``provider`` if forced (with what it falls back to), else
+    TensorRT, CUDA, CPU, whichever this ONNX Runtime has."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -35,24 +36,54 @@ def providers_for(provider: str | None) -> list[str]:
     if PROVIDERS[provider] not in available:
         raise CrdiffError(f"ONNX Runtime provider {PROVIDERS[provider]} is not available here (available: "
                           f"{', '.join(available)}); install onnxruntime-gpu for cuda/tensorrt")
-    return [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    fallbacks = list(PROVIDERS.values())[list(PROVIDERS).index(provider) + 1:]
+    return [PROVIDERS[provider]] + [p for p in fallbacks if p in available]
+
+
+def with_settings(providers: list[str]) -> list:
+    """``providers`` as ``InferenceSession`` takes them: TensorRT with its engine cache in crdiff's cache folder
+    (``tensorrt-engines/``), so an engine is built once per model and shape profile, not in every process."""
+    from crdiff_cli.storage.cache import cache_dir
+
+    engines = cache_dir() / "tensorrt-engines"
+    return [(p, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engines), "trt_timing_cache_enable": True,
+                 "trt_timing_cache_path": str(engines)}) if p == PROVIDERS["tensorrt"] else p for p in providers]
+
+
+def session_options(fold_masks: bool = True, threads: int | None = None):
+    """SessionOptions: quiet logging; ``fold_masks=False`` keeps the UNet's masks computed per call.
+
+    At session creation ONNX Runtime constant-folds every node whose inputs are all initializers, so each in-graph
+    ``Where(|W| > t, W, 0)`` becomes a precomputed masked copy (the pruned pass as fast as the dense one, a second
+    resident copy of the target weights). ``fold_masks=False`` disables that optimizer and weight prepacking (a
+    prepacked MatMul keeps its own copy, and the original must stay for the masks).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: folding warnings would be printed per node
+    if not fold_masks:
+        options.add_session_config_entry("optimization.disable_specified_optimizers", "ConstantFolding")
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 class Component:
     """One ONNX model of the folder: ``component(name=array, ...)`` -> its outputs by name, float32."""
 
-    def __init__(self, path: Path, providers: list[str], threads: int | None = None, bind: bool | None = None):
+    def __init__(self, path: Path, providers: list[str], threads: int | None = None, bind: bool | None = None,
+                 dtype: str = "float32"):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), session_options(threads=threads),
+                                                providers=with_settings(providers))
         except Exception as exc:  # ORT raises its own Fail / InvalidGraph / NoSuchFile / NotImplemented types
-            raise CrdiffError(f"ONNX Runtime cannot load {path} on {providers[0]} ({first_line(exc)}); an fp16 "
-                              "folder needs a provider with fp16 kernels (cuda, tensorrt)") from None
+            hint = "; this fp16 model needs a provider with fp16 kernels for its ops (cuda, tensorrt)" if (
+                dtype == "float16") else ""
+            raise CrdiffError(f"ONNX Runtime cannot load {path} on {providers[0]} ({first_line(exc)}){hint}") from None
         self.path = Path(path)
         self.inputs = {i.name: _NUMPY[i.type] for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]

@@ -10,12 +10,16 @@ Layout (``NAME`` defaults to ``crdiff``)::
     REPO/NAME/1/pipeline/                   the folder minus its ONNX files: crdiff.json, configs, tokenizers
 
 The Python model runs the same torch-free runner as ``crdiff generate --pipeline`` and calls the ONNX models
-through Triton (business logic scripting), so Triton schedules and batches them on its own instances. The
-folder's ``crdiff.json`` comes along unchanged and :func:`locate` maps its files to this layout, so the
-digests it records are checked where the files now are.
+through Triton (business logic scripting), so Triton places and schedules them on its own instances. The
+folder's ``crdiff.json`` comes along unchanged and :func:`locate_in` maps its files to this layout, so the
+digests it records are checked where the files now are. ``crdiff_triton.json`` lists every file crdiff wrote
+(``--overwrite`` replaces nothing else) and each ONNX model's outputs and input types, which the Python model
+casts its inputs to (an fp16 UNet still takes a float32 ``timestep``).
 
-Each ONNX model's ``config.pbtxt`` has ``max_batch_size: 0`` (the graphs' batch dimension is dynamic and
-classifier-free guidance doubles it) and dims from the graph, ``-1`` where the graph's are symbolic.
+Each ONNX model's ``config.pbtxt`` has ``max_batch_size: 0`` (Triton does not batch requests: the graphs' batch
+dimension is their own, and classifier-free guidance doubles it) and dims from the graph, ``-1`` where the
+graph's are symbolic. A scalar input cannot be declared with ``max_batch_size: 0``, so a folder baked with the
+TensorRT demo's scalar timestep has no Triton repository.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import os
 import shutil
 from pathlib import Path
 
-from crdiff_cli.deploy.folder import DATA_FILE, MODEL_FILE, RECORD, PipelineFolder, components, open_folder
+from crdiff_cli.deploy.folder import DATA_FILE, MODEL_FILE, RECORD, components, files_in, open_folder
+from crdiff_cli.errors import CrdiffError
 from crdiff_cli.storage.atomic import OutputKind
 
-MARKER = "crdiff_triton.json"  # the repository's record: which models crdiff wrote
+MARKER = "crdiff_triton.json"  # the repository's record: crdiff's files, each model's outputs and input types
 TRITON_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(int64)": "TYPE_INT64",
                 "tensor(int32)": "TYPE_INT32"}
 # The Python model's request: prompt is required, the rest default as `crdiff generate` does (0 = the default).
@@ -42,14 +47,15 @@ from crdiff_cli.deploy.triton_backend import TritonPythonModel  # noqa: F401
 
 
 def _is_repository(path: Path) -> bool:
+    """A repository crdiff wrote that holds only the files it lists (``--overwrite`` may replace it)."""
     try:
-        listed = set(json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))["models"])
+        listed = set(json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return {p.name for p in Path(path).iterdir()} <= listed | {MARKER}
+    return files_in(path) <= listed | {MARKER}
 
 
-REPOSITORY = OutputKind("Triton model repository", f"{MARKER} listing the models in it", _is_repository, folder=True)
+REPOSITORY = OutputKind("Triton model repository", f"{MARKER} listing every file in it", _is_repository, folder=True)
 
 
 def model_name(name: str, component: str) -> str:
@@ -79,27 +85,38 @@ def write_repository(folder: Path, out: Path, *, name: str = "crdiff", overwrite
     from crdiff_cli.storage.atomic import atomic_path
 
     checked = open_folder(folder)
-    models = [model_name(name, c) for c in components(checked.family)] + [name]
+    if checked.record.get("unet_conventions") == "tensorrt":
+        raise CrdiffError("a folder with the TensorRT demo's scalar timestep cannot be served by Triton (max_batch_size "
+                          "0 allows no scalar input); bake it without --tensorrt-conventions for --triton")
+    models = [model_name(name, c) for c in components(checked.layout)] + [name]
     with atomic_path(out, overwrite, kind=REPOSITORY, directory=True) as tmp:
         locate = locate_in(tmp, name)
         for file in checked.record["files"]:
             _link(Path(folder) / file, locate(file))
         _link(Path(folder) / RECORD, locate(RECORD))
-        for component in components(checked.family):
+        for component in components(checked.layout):
             _write_text(tmp / model_name(name, component) / "config.pbtxt",
                         onnx_config(model_name(name, component), checked.model(component)))
-        _write_text(tmp / name / "config.pbtxt", python_config(name, checked, models[:-1]))
+        _write_text(tmp / name / "config.pbtxt", python_config(name))
         _write_text(tmp / name / "1" / "model.py", MODEL_PY)
-        outputs = {model_name(name, c): graph_outputs(checked.model(c)) for c in components(checked.family)}
-        _write_text(tmp / MARKER, json.dumps({"format": "crdiff-triton/1", "name": name, "models": models,
-                                              "outputs": outputs}, indent=2) + "\n")
+        graphs = {model_name(name, c): graph_interface(checked.model(c)) for c in components(checked.layout)}
+        record = {"format": "crdiff-triton/1", "name": name, "models": models,
+                  "outputs": {model: outputs for model, (_, outputs) in graphs.items()},
+                  "input_types": {model: inputs for model, (inputs, _) in graphs.items()},
+                  "files": sorted(files_in(tmp) | {MARKER})}
+        _write_text(tmp / MARKER, json.dumps(record, indent=2) + "\n")
     return models
 
 
-def graph_outputs(path: Path) -> list[str]:
+def graph_interface(path: Path) -> tuple[dict[str, str], list[str]]:
+    """The graph's inputs with their numpy dtype names, and its output names."""
     import onnx
 
-    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+              for v in graph.input if v.name not in initializers}
+    return inputs, [o.name for o in graph.output]
 
 
 def onnx_config(model: str, path: Path) -> str:
@@ -129,7 +146,7 @@ def _ort_name(onnx_name: str) -> str:
     return {"FLOAT": "float", "FLOAT16": "float16", "INT64": "int64", "INT32": "int32"}[onnx_name]
 
 
-def python_config(name: str, folder: PipelineFolder, models: list[str]) -> str:
+def python_config(name: str) -> str:
     """``config.pbtxt`` of the Python model: one request in, one ``[height, width, 3]`` uint8 image out."""
     entries = [f'  {{ name: "{n}" data_type: {t} dims: [ 1 ]{" optional: true" if optional else ""} }}'
                for n, t, optional in REQUEST]
@@ -137,8 +154,6 @@ def python_config(name: str, folder: PipelineFolder, models: list[str]) -> str:
         f'name: "{name}"', 'backend: "python"', "max_batch_size: 0",
         "input [\n" + ",\n".join(entries) + "\n]",
         'output [\n  { name: "image" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }\n]',
-        f'parameters: {{ key: "crdiff_models" value: {{ string_value: "{",".join(models)}" }} }}',
-        f'parameters: {{ key: "crdiff_family" value: {{ string_value: "{folder.family}" }} }}',
     ]) + "\n"
 
 

@@ -22,21 +22,23 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         import triton_python_backend_utils as pb_utils
 
-        from crdiff_cli.deploy.folder import RECORD
         from crdiff_cli.deploy.runner import OnnxCrdiffPipeline
         from crdiff_cli.deploy.triton import MARKER, locate_in, model_name, pipeline_dir
 
         self.pb = pb_utils  # Triton's module, only importable inside its Python backend
         name = json.loads(args["model_config"])["name"]
         repository = Path(args["model_repository"]).parent
-        outputs = json.loads((repository / MARKER).read_text(encoding="utf-8"))["outputs"]
-        dtypes = json.loads((pipeline_dir(repository, name) / RECORD).read_text(encoding="utf-8"))["components"]
-        self.pipe = OnnxCrdiffPipeline.from_folder(
-            pipeline_dir(repository, name), locate=locate_in(repository, name),
-            models=lambda component, path: TritonModel(pb_utils, model_name(name, component), outputs[model_name(
-                name, component)], np.float16 if dtypes[component]["dtype"] == "float16" else np.float32))
+        record = json.loads((repository / MARKER).read_text(encoding="utf-8"))
+
+        def model(component: str, path: Path) -> TritonModel:
+            remote = model_name(name, component)
+            return TritonModel(pb_utils, remote, record["outputs"][remote], record["input_types"][remote])
+
+        self.pipe = OnnxCrdiffPipeline.from_folder(pipeline_dir(repository, name), locate=locate_in(repository, name),
+                                                   models=model)
 
     def execute(self, requests: list) -> list:
+        """One image per request; an absent optional input (or 0) means crdiff generate's default."""
         pb = self.pb
         responses = []
         for request in requests:
@@ -49,7 +51,7 @@ class TritonPythonModel:
 
             try:
                 image = self.pipe(value("prompt", ""), seeds=int(value("seed", 0)),
-                                  negative_prompt=value("negative_prompt", None) or None,
+                                  negative_prompt=value("negative_prompt", None),
                                   steps=int(value("steps", 0)) or defaults.STEPS,
                                   guidance=float(value("guidance", 0.0)) or defaults.GUIDANCE,
                                   height=int(value("height", 0)) or None, width=int(value("width", 0)) or None,
@@ -66,21 +68,27 @@ class TritonPythonModel:
 
 class TritonModel:
     """One ONNX model of the repository called through Triton, with :class:`~crdiff_cli.deploy.sessions.Component`'s
-    interface: named numpy inputs in (floats cast to the graph's ``dtype``), float32 outputs by name."""
+    interface: named numpy inputs in (cast to the types the graph declares), float32 outputs by name."""
 
-    def __init__(self, pb, model: str, outputs: list[str], dtype):
-        self.pb, self.model, self.outputs, self.dtype = pb, model, outputs, dtype
+    def __init__(self, pb, model: str, outputs: list[str], input_types: dict[str, str]):
+        self.pb, self.model, self.outputs, self.input_types = pb, model, outputs, input_types
 
     def keep(self, **arrays: np.ndarray) -> dict:
-        return arrays  # Triton copies inputs per request; nothing to keep on a device from here
+        return arrays  # Triton copies a request's inputs itself: nothing to keep on a device from here
 
     def __call__(self, kept: dict | None = None, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         pb = self.pb
-        feeds = {n: a.astype(self.dtype) if a.dtype == np.float32 else a for n, a in {**(kept or {}), **feeds}.items()}
+        feeds = cast_inputs(self.input_types, {**(kept or {}), **feeds})
         request = pb.InferenceRequest(model_name=self.model, inputs=[pb.Tensor(n, a) for n, a in feeds.items()],
-                                      requested_output_names=self.outputs)
+                                      requested_output_names=self.outputs,
+                                      preferred_memory=pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0))
         response = request.exec()
         if response.has_error():
             raise pb.TritonModelException(response.error().message())
         return {n: np.asarray(pb.get_output_tensor_by_name(response, n).as_numpy(), dtype=np.float32)
                 for n in self.outputs}
+
+
+def cast_inputs(input_types: dict[str, str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` in the dtypes the graph declares (``input_types``: numpy dtype names), as Triton checks them."""
+    return {name: np.require(array, dtype=input_types[name], requirements="C") for name, array in feeds.items()}

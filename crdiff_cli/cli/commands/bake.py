@@ -21,8 +21,8 @@ def bake(
     res: str = typer.Option(..., "--res", help=RES_HELP + " Recorded in the artifact (the default for generate) "
                             "and used for --verify; without --ratios/--profile it picks the paper's profile."),
     out_path: Path = typer.Option(..., "--out", "-o", help="The artifact: NAME.safetensors or NAME.onnx (large ONNX "
-                                  "models also write NAME.onnx.data beside it); with --format onnx-pipeline, "
-                                  "a new folder."),
+                                  "models also write NAME.onnx.data, or model.onnx_data, beside it); with "
+                                  "--format onnx-pipeline, a new folder."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help=RATIOS_HELP),
     profile: Optional[str] = typer.Option(None, "--profile", help=PROFILE_HELP),
     k: float = typer.Option(defaults.K, "--k", help="POA coefficient folded into the artifact: e = e_dense + k "
@@ -83,6 +83,12 @@ def bake(
             from crdiff_cli.deploy.triton import REPOSITORY
             from crdiff_cli.storage.atomic import check_output
 
+            if tensorrt_conventions:
+                raise CrdiffError("--triton cannot serve the TensorRT demo's scalar timestep (Triton declares no "
+                                  "scalar input with max_batch_size 0); drop --tensorrt-conventions or --triton")
+            inside = {out_path.resolve(), *out_path.resolve().parents} & {triton.resolve(), *triton.resolve().parents}
+            if out_path.resolve() in inside or triton.resolve() in inside:
+                raise CrdiffError(f"--out {out_path} and --triton {triton} overlap; write them to separate folders")
             check_output(triton, overwrite, REPOSITORY)
     elif triton is not None or tensorrt_conventions:
         flag = "--triton" if triton is not None else "--tensorrt-conventions"

@@ -240,9 +240,9 @@ def _check_artifact_options(path: Path, meta, *, k: float | None, ratios, dtype:
         raise CrdiffError(f"this ONNX artifact was baked for full POA only; re-bake it with the --poa-* flags to "
                           f"run POA {policy.describe()} (or use a .safetensors artifact)")
     if provider is not None:
-        from crdiff_cli.exporters.onnx_runtime import choose_providers
+        from crdiff_cli.deploy.sessions import providers_for
 
-        choose_providers(provider)
+        providers_for(provider)
 
 
 def progress_bars():
@@ -256,8 +256,8 @@ def progress_bars():
 _NOT_WITH_PIPELINE = {"model": None, "k": None, "ratios": None, "profile": None, "dense": False, "poa_interval": None,
                       "poa_outside": None, "poa_refresh": None, "trace_poa": False, "compare": False,
                       "masks": defaults.MASKS, "dtype": None, "device": "cpu", "artifact": None, "ort_fold_masks": True,
-                      "lora": None, "controlnet": None, "control_image": None, "init_image": None, "strength": None,
-                      "mask_image": None}
+                      "lora": None, "controlnet": None, "control_image": None, "control_scale": 1.0, "init_image": None,
+                      "strength": None, "mask_image": None}
 
 
 def _generate_from_folder(folder: Path, options: dict) -> None:
