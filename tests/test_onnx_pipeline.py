@@ -464,3 +464,27 @@ def test_tensorrt_provider_gets_an_engine_cache(crdiff_cache):
     trt, cpu = with_settings(["TensorrtExecutionProvider", "CPUExecutionProvider"])
     assert cpu == "CPUExecutionProvider" and trt[0] == "TensorrtExecutionProvider"
     assert trt[1]["trt_engine_cache_enable"] and trt[1]["trt_engine_cache_path"] == str(crdiff_cache / "tensorrt-engines")
+
+
+def test_sd2_style_folder(tmp_path):
+    """An SD2.x-style model (pad token "!", a v-prediction DDIM scheduler): the folder keeps both, --verify
+    passes, and the runner's image is the live one within 2/255 at a non-native size too."""
+    from diffusers import DDIMScheduler
+
+    from crdiff_cli.deploy.runner import OnnxCrdiffPipeline
+    from crdiff_cli.pipelines.loading import load_model
+
+    loaded = load_model("tiny")
+    loaded.pipe.scheduler = DDIMScheduler.from_config(loaded.pipe.scheduler.config, prediction_type="v_prediction",
+                                                      timestep_spacing="trailing")
+    loaded.pipe.tokenizer.pad_token = "!"
+    loaded.pipe.save_pretrained(tmp_path / "sd2-style")
+    folder = tmp_path / "folder"
+    ok(invoke("bake", "--model", tmp_path / "sd2-style", "--res", "64x64", "--format", "onnx-pipeline", "--out",
+              folder, "--ratios", "0.4/0.3/0.2", "--k", "1.3"))
+    assert json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())["pad_token"] == "!"
+    runner = OnnxCrdiffPipeline.from_folder(folder, provider="cpu")
+    assert runner.tokenizers["text_encoder"](["a"])[0, -1] == loaded.pipe.tokenizer.convert_tokens_to_ids("!")
+    ours = runner(PROMPT, seeds=2, steps=3, height=48, width=80)[0]
+    live = live_image(load_model(str(tmp_path / "sd2-style")), folder, 48, 80, seed=2, steps=3)
+    assert np.abs(pixels(ours) - pixels(live)).max() <= 2
