@@ -58,12 +58,14 @@ def check_pipeline_output(out: Path, overwrite: bool) -> None:
 
 def bake_pipeline(loaded, spec: PruneSpec, *, k: float, resolution: Resolution, out: Path,
                   opset: int = DEFAULT_OPSET, verify: bool = True, overwrite: bool = False,
-                  on_stage=None, source: str | None = None, tensorrt_conventions: bool = False) -> PipelineBakeResult:
+                  on_stage=None, source: str | None = None, tensorrt_conventions: bool = False,
+                  poa: PoaPolicy | None = None) -> PipelineBakeResult:
     """Write ``loaded``'s pipeline with CR-Diff (``spec``, ``k``) baked into its UNet as an ONNX folder ``out``.
 
     ``loaded`` is a :class:`~crdiff_cli.pipelines.loading.LoadedModel` (plain UNet, LoRAs fused); its models are
     left as they were. ``tensorrt_conventions`` gives the UNet the TensorRT demo's interface
-    (:mod:`.tensorrt`). Raises :class:`~crdiff_cli.exporters.validate.VerificationError` when ``verify`` finds a
+    (:mod:`.tensorrt`). A partial ``poa`` policy is recorded and the UNet gets the one-pass switch, which the
+    runner drives step by step (:mod:`crdiff_cli.deploy.poa_steps`). Raises :class:`~crdiff_cli.exporters.validate.VerificationError` when ``verify`` finds a
     mismatch, and then nothing is written.
     """
     from crdiff_cli.exporters.bake import verify_artifact
@@ -87,11 +89,12 @@ def bake_pipeline(loaded, spec: PruneSpec, *, k: float, resolution: Resolution, 
                           "ONNX pipeline runner does not feed yet; bake an .onnx or .safetensors artifact instead")
     start = time.perf_counter()
     stage("hashing the dense weights")
-    meta = ArtifactMetadata.describe(unet, spec, k, resolution, family, PoaPolicy())
+    poa = poa or PoaPolicy()
+    meta = ArtifactMetadata.describe(unet, spec, k, resolution, family, poa, poa_switch=not poa.is_full)
     with atomic_path(out, overwrite, kind=PIPELINE, directory=True) as tmp:
         stage("exporting the dual UNet")
         (tmp / "unet").mkdir()
-        export_onnx(unet, meta, tmp / "unet" / "model.onnx", opset=opset)
+        export_onnx(unet, meta, tmp / "unet" / "model.onnx", opset=opset, poa_switch=meta.poa_switch)
         unet.save_config(tmp / "unet")
         dtypes = {"unet": meta.dtype}
         for encoder in TEXT_ENCODERS[layout]:
@@ -126,16 +129,18 @@ def bake_pipeline(loaded, spec: PruneSpec, *, k: float, resolution: Resolution, 
             _write_json(tmp / RECORD, record)
             if verify:
                 stage("verifying the whole folder against the live pipeline")
-                pixels = verify_folder(tmp, loaded, spec, k, resolution, vae)
+                pixels = verify_folder(tmp, loaded, spec, k, resolution, vae, poa)
         except VerificationError as exc:
             raise type(exc)(f"{exc}; no folder was written") from None
     return PipelineBakeResult(Path(out), meta, record, report, pixels, time.perf_counter() - start)
 
 
-def verify_folder(folder: Path, loaded, spec: PruneSpec, k: float, resolution: Resolution, vae, *, steps: int = 2,
-                  seed: int = 0, prompt: str = "a photograph of an astronaut riding a horse") -> int:
+def verify_folder(folder: Path, loaded, spec: PruneSpec, k: float, resolution: Resolution, vae,
+                  poa: PoaPolicy | None = None, *, steps: int = 2, seed: int = 0,
+                  prompt: str = "a photograph of an astronaut riding a horse") -> int:
     """Generate one image with the torch-free runner on ``folder`` and one with ``loaded``'s pipeline with
-    CR-Diff applied (same prompt, seed, steps and scheduler: the base one, or Euler when it has no numpy twin),
+    CR-Diff applied (same prompt, seed, steps, POA policy and scheduler: the base one, or Euler when it has no
+    numpy twin; a partial policy is checked over 4 steps, so its window and refresh act),
     its latents decoded by ``vae`` (the folder's VAE: an fp32 copy in an fp16 folder); returns their largest
     pixel difference and raises :class:`~crdiff_cli.exporters.validate.ToleranceExceededError` above
     :data:`IMAGE_TOLERANCE`."""
@@ -150,6 +155,7 @@ def verify_folder(folder: Path, loaded, spec: PruneSpec, k: float, resolution: R
     from crdiff_cli.pipelines.schedulers import set_scheduler
 
     pipe = loaded.pipe
+    steps = steps if poa is None or poa.is_full else max(steps, 4)
     try:
         make_scheduler(None, dict(pipe.scheduler.config))
         scheduler = None
@@ -160,7 +166,7 @@ def verify_folder(folder: Path, loaded, spec: PruneSpec, k: float, resolution: R
                   scheduler=scheduler)[0]
     base_scheduler = pipe.scheduler
     set_scheduler(pipe, scheduler)
-    apply_crdiff(pipe, spec, k=k)
+    apply_crdiff(pipe, spec, k=k, poa=poa)
     try:
         latents = pipe(prompt, height=resolution.height, width=resolution.width, num_inference_steps=steps,
                        guidance_scale=defaults.GUIDANCE, generator=torch.Generator("cpu").manual_seed(seed),
@@ -260,7 +266,7 @@ def _record(meta: ArtifactMetadata, layout: str, dtypes: dict[str, str], source:
             "base_unet_sha256": meta.base_unet_sha256, "unet_conventions": conventions or "onnxruntime",
             "resolution": {"height": resolution.height, "width": resolution.width},
             "resolution_range": resolution_range(resolution.height, resolution.width),
-            "k": meta.k, "poa": meta.poa.to_dict(), "thresholds": meta.spec.thresholds(), **meta.spec.to_dict(),
+            "k": meta.k, "poa": meta.poa.to_dict(), "poa_switch": meta.poa_switch, "thresholds": meta.spec.thresholds(), **meta.spec.to_dict(),
             "components": {name: {"dtype": dtype} for name, dtype in dtypes.items()},
             "files": files}
 

@@ -28,8 +28,8 @@ def apply_tensorrt_conventions(path: Path) -> None:
 
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
+    _rename_uses(graph, "timestep", SCALAR_SOURCE)
     for node in graph.node:
-        node.input[:] = [SCALAR_SOURCE if name == "timestep" else name for name in node.input]
         node.output[:] = [TRT_OUTPUT if name == OUTPUT else name for name in node.output]
     for output in graph.output:
         if output.name == OUTPUT:
@@ -41,6 +41,20 @@ def apply_tensorrt_conventions(path: Path) -> None:
     graph.node.insert(1, helper.make_node("Unsqueeze", ["timestep", "timestep_axes"], [SCALAR_SOURCE],
                                           name="timestep_to_1d"))
     onnx.save_model(model, str(path))
+
+
+def _rename_uses(graph, old: str, new: str) -> None:
+    """Point every use of ``old`` at ``new``, inside ``If`` branches too (a policy graph's passes read the outer
+    graph's inputs from there)."""
+    import onnx
+
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _rename_uses(attribute.g, old, new)
+            for subgraph in attribute.graphs:
+                _rename_uses(subgraph, old, new)
 
 
 def recipe(*, family: str, dtype: str, height: int, width: int, channels: int, text_dim: int,

@@ -264,6 +264,7 @@ def test_swapped_unet_from_another_bake_refused(copy_of, tmp_path, tiny_dirs):
     (["--provider", "tensorrt"], "not available here"),
     (["--num-images", "0"], "--num-images 0 must be at least 1"),
     (["--control-scale", "0.5"], "--control-scale does not apply to --pipeline"),
+    (["--poa-interval", "0:0.5"], "this folder's UNet always runs both passes"),
 ])
 def test_bad_generate_options(folders, tmp_path, extra, words):
     _refused(_generate(folders["tiny"], tmp_path / "out", *extra), words, tmp_path / "out")
@@ -282,10 +283,6 @@ def test_bake_refuses_before_loading(tmp_path):
                     "--overwrite")
     assert result.exit_code == 2 and "not a baked pipeline folder written by crdiff" in result.stderr
     assert (mine / "notes.txt").read_text() == "a user's file"
-    result = invoke("bake", "--model", "tiny", "--res", "64x64", "--format", "onnx-pipeline", "--out",
-                    tmp_path / "p", "--poa-interval", "0:0.5")
-    assert result.exit_code == 2 and "not baked into pipeline folders" in result.stderr
-    assert not (tmp_path / "p").exists()
 
 
 def test_overwrite_replaces_only_our_folder(folders, tmp_path):
@@ -488,3 +485,54 @@ def test_sd2_style_folder(tmp_path):
     ours = runner(PROMPT, seeds=2, steps=3, height=48, width=80)[0]
     live = live_image(load_model(str(tmp_path / "sd2-style")), folder, 48, 80, seed=2, steps=3)
     assert np.abs(pixels(ours) - pixels(live)).max() <= 2
+
+
+class PassCounter:
+    """The runner's UNet, counting the passes it asks the policy graph for (poa_pass 0 runs two)."""
+
+    def __init__(self, unet):
+        self.unet, self.passes = unet, 0
+
+    def keep(self, **arrays):
+        return self.unet.keep(**arrays)
+
+    def __call__(self, kept, **feeds):
+        self.passes += 2 if int(feeds["poa_pass"][0]) == 0 else 1
+        return self.unet(kept, **feeds)
+
+
+@pytest.mark.parametrize("scheduler", [None, "euler"])
+def test_poa_policy_folder_equals_live_policy(tmp_path_factory, load_tiny, scheduler):
+    """A folder baked with a POA policy (window and refresh): the runner runs exactly the policy's UNet passes,
+    and its image is the live pipeline's under the same policy within 2/255; --tensorrt-conventions changes
+    nothing; generate --poa-* overrides the baked policy."""
+    from crdiff_cli.deploy.runner import OnnxCrdiffPipeline
+    from crdiff_cli.dual.apply import apply_crdiff
+    from crdiff_cli.dual.poa_policy import PoaPolicy
+    from crdiff_cli.pipelines.schedulers import set_scheduler
+    from crdiff_cli.pruning.ratios import Ratios
+
+    root = tmp_path_factory.mktemp("poa")
+    policy = PoaPolicy.parse("0:0.6", "pruned", 2)
+    flags = ["--poa-interval", "0:0.6", "--poa-outside", "pruned", "--poa-refresh", "2"]
+    folder = bake_folder(root, "tiny", "64x64", *flags)
+    record = json.loads((folder / "crdiff.json").read_text())
+    assert record["poa_switch"] and PoaPolicy.from_dict(record["poa"]) == policy
+    runner = OnnxCrdiffPipeline.from_folder(folder, provider="cpu")
+    unet = runner.models["unet"] = PassCounter(runner.models["unet"])
+    ours = runner(PROMPT, seeds=4, steps=7, scheduler=scheduler)[0]
+    loaded = load_tiny("tiny")
+    set_scheduler(loaded.pipe, scheduler)
+    apply_crdiff(loaded.pipe, Ratios.parse("0.4/0.3/0.2"), k=1.3, poa=policy)
+    live = generate_image(loaded.pipe, PROMPT, 4, GenerationSettings(Resolution(64, 64), 7))
+    assert np.abs(pixels(ours) - pixels(live)).max() <= 2
+    assert unet.passes == loaded.pipe.unet.passes < 2 * len(loaded.pipe.scheduler.timesteps)
+    full = runner(PROMPT, seeds=4, steps=7, scheduler=scheduler, poa=PoaPolicy())[0]
+    assert not np.array_equal(pixels(full), pixels(ours))
+    if scheduler is None:
+        trt = bake_folder(root / "trt", "tiny", "64x64", *flags, "--tensorrt-conventions", "--no-verify")
+        same = OnnxCrdiffPipeline.from_folder(trt, provider="cpu")(PROMPT, seeds=4, steps=7)[0]
+        assert np.array_equal(pixels(same), pixels(ours))
+        out = root / "out"
+        ok(_generate(folder, out, "--poa-interval", "0:1", "--poa-refresh", "1", "--seed", "4", "--steps", "7"))
+        assert np.array_equal(pixels(_open(out / "0_4.png")), pixels(full))

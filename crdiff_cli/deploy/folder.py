@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.errors import CrdiffError
 
 RECORD = "crdiff.json"
@@ -58,6 +59,11 @@ class PipelineFolder:
     @property
     def family(self) -> str:
         return self.record["family"]
+
+    @property
+    def poa_switch(self) -> bool:
+        """Whether the UNet graph has the one-pass switch (input ``poa_pass``): baked with a partial policy."""
+        return bool(self.record.get("poa_switch", False))
 
     @property
     def layout(self) -> str:
@@ -179,6 +185,7 @@ def _check_record(record: dict) -> tuple[str, dict[str, str]]:
     if len(sizes) != 6 or not all(isinstance(v, int) and v > 0 for v in sizes):
         raise ValueError("resolution and resolution_range must hold positive integer pixel sizes")
     float(record["k"])
+    PoaPolicy.from_dict(record["poa"])
     str(record["family"]), str(record["base_model"]), dict(record["ratios"]), dict(record["thresholds"])
     return layout, files
 

@@ -49,6 +49,17 @@ def check_request(folder: PipelineFolder, height: int | None, width: int | None,
         raise CrdiffError(str(exc)) from None
 
 
+def check_policy(folder: PipelineFolder, poa=None):
+    """The POA policy a request runs: ``poa``, else the folder's; a partial one needs the one-pass switch."""
+    from crdiff_cli.dual.poa_policy import PoaPolicy
+
+    policy = poa or PoaPolicy.from_dict(folder.record["poa"])
+    if not policy.is_full and not folder.poa_switch:
+        raise CrdiffError(f"this folder's UNet always runs both passes; POA {policy.describe()} needs a folder baked "
+                          "with a POA policy (crdiff bake --format onnx-pipeline --poa-...)")
+    return policy
+
+
 class OnnxCrdiffPipeline:
     """A pipeline folder's sessions, tokenizers and scheduler config, ready for requests."""
 
@@ -98,10 +109,13 @@ class OnnxCrdiffPipeline:
     def __call__(self, prompts: str | list[str], *, seeds: int | list[int] = 0, negative_prompt: str | None = None,
                  steps: int = defaults.STEPS, guidance: float = defaults.GUIDANCE, height: int | None = None,
                  width: int | None = None, scheduler: str | None = None, latents: np.ndarray | None = None,
-                 on_step: Callable[[], None] | None = None) -> list:
+                 on_step: Callable[[], None] | None = None, poa=None) -> list:
         """One PIL image per prompt. ``seeds``: one per prompt (an int is used for every prompt); ``height`` and
         ``width`` default to the baked resolution; ``scheduler`` is a ``--scheduler`` name (default the base
-        model's); ``latents`` replaces the seeded starting noise (before scaling by the scheduler's sigma)."""
+        model's); ``latents`` replaces the seeded starting noise (before scaling by the scheduler's sigma);
+        ``poa`` (a :class:`~crdiff_cli.dual.poa_policy.PoaPolicy`) overrides the baked POA policy, which a
+        folder baked with one serves (:func:`check_policy`)."""
+        from crdiff_cli.deploy.poa_steps import PolicySteps
         from crdiff_cli.deploy.torch_random import TorchCpuGenerator
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -109,6 +123,7 @@ class OnnxCrdiffPipeline:
         if len(seeds) != len(prompts):
             raise ParameterError("seeds", len(seeds), f"must give one seed per prompt ({len(prompts)})")
         height, width, sampler = check_request(self.folder, height, width, scheduler)
+        policy = check_policy(self.folder, poa)
         try:
             sampler.set_timesteps(steps)
         except ValueError as exc:
@@ -131,12 +146,15 @@ class OnnxCrdiffPipeline:
         unet = self.models["unet"]
         scalar = self.folder.record.get("unet_conventions") == "tensorrt"  # the demo's scalar timestep
         kept = unet.keep(**conditioning)  # the same at every step: on the device once (GPU providers)
+        steps_of = PolicySteps(policy, self.folder.k, sampler.timesteps) if self.folder.poa_switch else None
         for t in sampler.timesteps:
             model_input = np.concatenate([latents, latents]) if guided else latents
             model_input = sampler.scale_model_input(model_input, t)
             timestep = np.array(t if scalar else [t], dtype=np.float32)
-            out = unet(kept, sample=model_input, timestep=timestep)
-            prediction = next(iter(out.values()))
+            if steps_of is None:
+                prediction = next(iter(unet(kept, sample=model_input, timestep=timestep).values()))
+            else:
+                prediction = steps_of(unet, kept, t, sample=model_input, timestep=timestep)
             if guided:
                 uncond, text = np.split(prediction, 2)
                 prediction = uncond + np.float32(guidance) * (text - uncond)

@@ -75,9 +75,6 @@ def bake(
     warning = check_k(k)
     policy = poa_policy(poa_interval, poa_outside, poa_refresh)
     if kind == PIPELINE_FORMAT:
-        if not policy.is_full:
-            raise CrdiffError("--poa-interval/--poa-outside/--poa-refresh are not baked into pipeline folders yet; "
-                              "bake an .onnx or .safetensors artifact for a POA policy")
         check_pipeline_output(out_path, overwrite)
         if triton is not None:
             from crdiff_cli.deploy.triton import REPOSITORY
@@ -111,7 +108,7 @@ def bake(
         if kind == PIPELINE_FORMAT:
             result = bake_pipeline(loaded, spec, k=k, resolution=resolution, out=out_path, opset=opset, verify=verify,
                                    overwrite=overwrite, on_stage=status.update,
-                                   tensorrt_conventions=tensorrt_conventions)
+                                   tensorrt_conventions=tensorrt_conventions, poa=policy)
         else:
             result = bake_artifact(loaded.unet, spec, k=k, resolution=resolution, family=loaded.family, out=out_path,
                                    opset=opset, verify=verify, overwrite=overwrite, on_stage=status.update, poa=policy)

@@ -253,8 +253,8 @@ def progress_bars():
 
 
 # generate's options that the torch-free runner has no use for, with the value that means "not given"
-_NOT_WITH_PIPELINE = {"model": None, "k": None, "ratios": None, "profile": None, "dense": False, "poa_interval": None,
-                      "poa_outside": None, "poa_refresh": None, "trace_poa": False, "compare": False,
+_NOT_WITH_PIPELINE = {"model": None, "k": None, "ratios": None, "profile": None, "dense": False,
+                      "trace_poa": False, "compare": False,
                       "masks": defaults.MASKS, "dtype": None, "device": "cpu", "artifact": None, "ort_fold_masks": True,
                       "lora": None, "controlnet": None, "control_image": None, "control_scale": 1.0, "init_image": None,
                       "strength": None, "mask_image": None}
@@ -264,8 +264,9 @@ def _generate_from_folder(folder: Path, options: dict) -> None:
     """``generate --pipeline DIR``: the folder's images with the torch-free runner (no torch, diffusers or
     transformers is imported), written as the live path writes them."""
     from crdiff_cli.deploy.folder import open_folder
-    from crdiff_cli.deploy.runner import OnnxCrdiffPipeline, check_request
+    from crdiff_cli.deploy.runner import OnnxCrdiffPipeline, check_policy, check_request
     from crdiff_cli.deploy.sessions import providers_for
+    from crdiff_cli.dual.poa_policy import PoaPolicy
     from crdiff_cli.pipelines.generation import GenerationSettings
     from crdiff_cli.pipelines.image_folder import IMAGES, clear_image_folder
     from crdiff_cli.pipelines.prompts import read_prompts
@@ -293,6 +294,8 @@ def _generate_from_folder(folder: Path, options: dict) -> None:
     settings = GenerationSettings(resolution, options["steps"], options["guidance"], options["negative_prompt"],
                                   options["scheduler"])
     check_request(checked, resolution.height, resolution.width, settings.scheduler)
+    policy = check_policy(checked, poa_policy(options["poa_interval"], options["poa_outside"], options["poa_refresh"],
+                                              PoaPolicy.from_dict(checked.record["poa"])))
     providers_for(options["provider"])
     check_output(out_dir, options["overwrite"], IMAGES)
 
@@ -300,7 +303,8 @@ def _generate_from_folder(folder: Path, options: dict) -> None:
         runner = OnnxCrdiffPipeline.from_folder(folder, provider=options["provider"])
     info = {"pipeline": str(folder), "model": checked.record["base_model"], "family": checked.family, "mode": "crdiff",
             "k": checked.k, "ratios": str(checked.record["ratios"]), "thresholds": checked.record["thresholds"],
-            "dtype": checked.dtype("unet"), "provider": runner.provider, "runtime": "onnxruntime (torch-free)"}
+            "dtype": checked.dtype("unet"), "provider": runner.provider, "runtime": "onnxruntime (torch-free)",
+            "poa": policy.to_dict()}
     seeds = list(range(options["seed"], options["seed"] + options["num_images"]))
     if out_dir.is_dir():
         clear_image_folder(out_dir)
@@ -312,9 +316,10 @@ def _generate_from_folder(folder: Path, options: dict) -> None:
             bars.reset(steps)
             return runner(text, seeds=seed, negative_prompt=settings.negative_prompt, steps=settings.steps,
                           guidance=settings.guidance, height=resolution.height, width=resolution.width,
-                          scheduler=settings.scheduler, on_step=lambda: bars.advance(steps))[0]
+                          scheduler=settings.scheduler, on_step=lambda: bars.advance(steps), poa=policy)[0]
 
         records = generate_to_folder(None, prompts, seeds, settings, out_dir, model_info=info,
                                      on_image=lambda: bars.advance(images), render=render)
-    out.print(f"wrote {plural(len(records), 'image')} (CR-Diff k={checked.k:g} from {folder} on {runner.provider}, "
-              f"{resolution} HxW, {settings.steps} steps) to {out_dir}")
+    what = f"CR-Diff k={checked.k:g}" + ("" if policy.is_full else f", POA {policy.describe()}")
+    out.print(f"wrote {plural(len(records), 'image')} ({what} from {folder} on {runner.provider}, {resolution} HxW, "
+              f"{settings.steps} steps) to {out_dir}")
