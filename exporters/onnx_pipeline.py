@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +124,7 @@ def bake_pipeline(loaded, spec: PruneSpec, *, k: float, resolution: Resolution, 
                 _verify_vae_encoder(tmp, vae)
             if tensorrt_conventions:
                 apply_tensorrt_conventions(tmp / "unet" / "model.onnx")
-            (tmp / "TENSORRT.md").write_text(_recipe(unet, meta, tensorrt_conventions), encoding="utf-8")
+            (tmp / "TENSORRT.md").write_text(_recipe(unet, vae, meta, tensorrt_conventions), encoding="utf-8")
             record = _record(meta, layout, dtypes, source or loaded.source, tmp,
                              "tensorrt" if tensorrt_conventions else None)
             _write_json(tmp / RECORD, record)
@@ -140,7 +141,7 @@ def verify_folder(folder: Path, loaded, spec: PruneSpec, k: float, resolution: R
                   prompt: str = "a photograph of an astronaut riding a horse") -> int:
     """Generate one image with the torch-free runner on ``folder`` and one with ``loaded``'s pipeline with
     CR-Diff applied (same prompt, seed, steps, POA policy and scheduler: the base one, or Euler when it has no
-    numpy twin; a partial policy is checked over 4 steps, so its window and refresh act),
+    numpy twin; a partial policy over enough steps that its window holds a refresh cycle, :func:`policy_steps`),
     its latents decoded by ``vae`` (the folder's VAE: an fp32 copy in an fp16 folder); returns their largest
     pixel difference and raises :class:`~crdiff_cli.exporters.validate.ToleranceExceededError` above
     :data:`IMAGE_TOLERANCE`."""
@@ -155,7 +156,7 @@ def verify_folder(folder: Path, loaded, spec: PruneSpec, k: float, resolution: R
     from crdiff_cli.pipelines.schedulers import set_scheduler
 
     pipe = loaded.pipe
-    steps = steps if poa is None or poa.is_full else max(steps, 4)
+    steps = steps if poa is None or poa.is_full else policy_steps(poa)
     try:
         make_scheduler(None, dict(pipe.scheduler.config))
         scheduler = None
@@ -182,6 +183,13 @@ def verify_folder(folder: Path, loaded, spec: PruneSpec, k: float, resolution: R
         raise ToleranceExceededError(f"verification failed: the folder's image differs from the live pipeline's by "
                                      f"{difference}/255 (tolerance {IMAGE_TOLERANCE}/255, {steps} steps, seed {seed})")
     return difference
+
+
+def policy_steps(poa: PoaPolicy, most: int = 20) -> int:
+    """Steps for verifying a partial policy: enough that its window holds a both-passes step and a cached one
+    after it (refresh + 1 steps), and steps outside it, within ``most``."""
+    start, stop = poa.window
+    return min(most, max(4, math.ceil((poa.refresh + 1) / max(stop - start, 1e-9)) + 1))
 
 
 def _unscaled(latents, config):
@@ -240,7 +248,8 @@ def _model_index(pipe, layout: str) -> dict:
     return dict(sorted(index.items()))
 
 
-def _recipe(unet, meta: ArtifactMetadata, conventions: bool) -> str:
+def _recipe(unet, vae, meta: ArtifactMetadata, conventions: bool) -> str:
+    from crdiff_cli.deploy.folder import vae_scale
     from crdiff_cli.exporters.tensorrt import recipe
 
     config = unet.config
@@ -249,7 +258,8 @@ def _recipe(unet, meta: ArtifactMetadata, conventions: bool) -> str:
         time_dim = config["addition_time_embed_dim"]
         added = {"text_embeds": config["projection_class_embeddings_input_dim"] - 6 * time_dim, "time_ids": 6}
     return recipe(family=meta.family, dtype=meta.dtype, height=meta.resolution.height, width=meta.resolution.width,
-                  channels=config["in_channels"], text_dim=config["cross_attention_dim"], added=added,
+                  channels=config["in_channels"], scale=vae_scale(vae.config), text_dim=config["cross_attention_dim"],
+                  added=added,
                   conventions=conventions)
 
 

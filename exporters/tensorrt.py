@@ -28,8 +28,8 @@ def apply_tensorrt_conventions(path: Path) -> None:
 
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
-    _rename_uses(graph, "timestep", SCALAR_SOURCE)
-    for node in graph.node:
+    for node in graph.node:  # a graph without the POA switch: no If branches read the inputs
+        node.input[:] = [SCALAR_SOURCE if name == "timestep" else name for name in node.input]
         node.output[:] = [TRT_OUTPUT if name == OUTPUT else name for name in node.output]
     for output in graph.output:
         if output.name == OUTPUT:
@@ -43,29 +43,16 @@ def apply_tensorrt_conventions(path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
-def _rename_uses(graph, old: str, new: str) -> None:
-    """Point every use of ``old`` at ``new``, inside ``If`` branches too (a policy graph's passes read the outer
-    graph's inputs from there)."""
-    import onnx
-
-    for node in graph.node:
-        node.input[:] = [new if name == old else name for name in node.input]
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                _rename_uses(attribute.g, old, new)
-            for subgraph in attribute.graphs:
-                _rename_uses(subgraph, old, new)
-
-
-def recipe(*, family: str, dtype: str, height: int, width: int, channels: int, text_dim: int,
+def recipe(*, family: str, dtype: str, height: int, width: int, channels: int, scale: int, text_dim: int,
            added: dict[str, int] | None, conventions: bool) -> str:
-    """``TENSORRT.md``: build commands with min/opt/max shapes around ``height`` x ``width`` (pixels), the range
-    the folder declares (:func:`~crdiff_cli.deploy.folder.resolution_range`)."""
+    """``TENSORRT.md``: build commands with min/opt/max shapes around ``height`` x ``width`` (pixels; ``scale``
+    pixels per latent pixel), the range the folder declares (:func:`~crdiff_cli.deploy.folder.resolution_range`)."""
     from crdiff_cli.deploy.folder import resolution_range
 
     limits = resolution_range(height, width)
-    latent = (height // 8, width // 8)
-    sizes = {"min": tuple(v // 8 for v in limits["min"]), "opt": latent, "max": tuple(v // 8 for v in limits["max"])}
+    latent = (height // scale, width // scale)
+    sizes = {"min": tuple(v // scale for v in limits["min"]), "opt": latent,
+             "max": tuple(v // scale for v in limits["max"])}
     batches = {"min": 1, "opt": 2, "max": 8}  # 1: no guidance; guidance doubles the batch: 1-4 images
 
     def shapes(kind: str) -> list[tuple[str, list[int]]]:

@@ -257,7 +257,9 @@ def test_swapped_unet_from_another_bake_refused(copy_of, tmp_path, tiny_dirs):
 
 @pytest.mark.parametrize("extra, words", [
     (["--res", "60x64"], "not a multiple of 8"),
-    (["--res", "256x64"], "outside the 32..96 pixels this folder was exported for"),
+    (["--res", "256x64"], "256x64 (HxW) is outside the sizes this folder was exported for, 32x32 to 96x96"),
+    (["--steps", "2000"], "num_inference_steps"),
+    (["--steps", "1000"], "the pndm scheduler cannot make 1000 steps"),
     (["--k", "1.0"], "--k does not apply to --pipeline"),
     (["--model", "tiny"], "--model does not apply to --pipeline"),
     (["--scheduler", "heun"], "heun"),
@@ -454,13 +456,20 @@ def test_base_scheduler_without_numpy_twin(tiny_dirs, tmp_path):
     ok(_generate(folder, tmp_path / "out", "--scheduler", "euler"))
 
 
-def test_tensorrt_provider_gets_an_engine_cache(crdiff_cache):
-    """ONNX Runtime's TensorRT provider builds engines per model and shape: they are cached in crdiff's cache."""
+def test_tensorrt_provider_gets_an_engine_cache_per_model(crdiff_cache, folders, tmp_path):
+    """ONNX Runtime's TensorRT provider builds engines per model and shape: crdiff caches them per model bytes
+    (ONNX Runtime names engines by file name and graph, so two folders' unet/model.onnx must not share one)."""
     from crdiff_cli.deploy.sessions import with_settings
 
-    trt, cpu = with_settings(["TensorrtExecutionProvider", "CPUExecutionProvider"])
-    assert cpu == "CPUExecutionProvider" and trt[0] == "TensorrtExecutionProvider"
-    assert trt[1]["trt_engine_cache_enable"] and trt[1]["trt_engine_cache_path"] == str(crdiff_cache / "tensorrt-engines")
+    providers = ["TensorrtExecutionProvider", "CPUExecutionProvider"]
+    assert with_settings(["CPUExecutionProvider"], folders["tiny"] / "unet" / "model.onnx") == ["CPUExecutionProvider"]
+    (trt, settings), cpu = with_settings(providers, folders["tiny"] / "unet" / "model.onnx")
+    assert trt == "TensorrtExecutionProvider" and cpu == "CPUExecutionProvider" and settings["trt_engine_cache_enable"]
+    engines = Path(settings["trt_engine_cache_path"])
+    assert engines.parent == crdiff_cache / "tensorrt-engines" and engines.is_dir()
+    other = with_settings(providers, folders["tiny-sdxl"] / "unet" / "model.onnx")[0][1]["trt_engine_cache_path"]
+    again = with_settings(providers, folders["tiny"] / "unet" / "model.onnx")[0][1]["trt_engine_cache_path"]
+    assert other != str(engines) and again == str(engines)
 
 
 def test_sd2_style_folder(tmp_path):
@@ -504,8 +513,8 @@ class PassCounter:
 @pytest.mark.parametrize("scheduler", [None, "euler"])
 def test_poa_policy_folder_equals_live_policy(tmp_path_factory, load_tiny, scheduler):
     """A folder baked with a POA policy (window and refresh): the runner runs exactly the policy's UNet passes,
-    and its image is the live pipeline's under the same policy within 2/255; --tensorrt-conventions changes
-    nothing; generate --poa-* overrides the baked policy."""
+    and its image is the live pipeline's under the same policy within 2/255; generate --poa-* overrides the baked
+    policy; the TensorRT demo's conventions (no poa_pass input) are refused for it."""
     from crdiff_cli.deploy.runner import OnnxCrdiffPipeline
     from crdiff_cli.dual.apply import apply_crdiff
     from crdiff_cli.dual.poa_policy import PoaPolicy
@@ -530,9 +539,24 @@ def test_poa_policy_folder_equals_live_policy(tmp_path_factory, load_tiny, sched
     full = runner(PROMPT, seeds=4, steps=7, scheduler=scheduler, poa=PoaPolicy())[0]
     assert not np.array_equal(pixels(full), pixels(ours))
     if scheduler is None:
-        trt = bake_folder(root / "trt", "tiny", "64x64", *flags, "--tensorrt-conventions", "--no-verify")
-        same = OnnxCrdiffPipeline.from_folder(trt, provider="cpu")(PROMPT, seeds=4, steps=7)[0]
-        assert np.array_equal(pixels(same), pixels(ours))
+        result = invoke("bake", "--model", "tiny", "--res", "64x64", "--format", "onnx-pipeline", "--out",
+                        root / "trt", *flags, "--tensorrt-conventions")
+        assert result.exit_code == 2 and "no poa_pass input" in result.stderr and not (root / "trt").exists()
         out = root / "out"
         ok(_generate(folder, out, "--poa-interval", "0:1", "--poa-refresh", "1", "--seed", "4", "--steps", "7"))
         assert np.array_equal(pixels(_open(out / "0_4.png")), pixels(full))
+
+
+def test_policy_runs_one_pass_where_the_result_is_one_pass(tmp_path):
+    """As the live dual UNet: at k = 1 a both-passes step runs only the pruned pass (k = 0: the dense one), and
+    with nothing pruned every step runs the dense pass alone."""
+    from crdiff_cli.deploy.poa_steps import PolicySteps
+    from crdiff_cli.dual.poa_policy import PoaPolicy
+
+    policy = PoaPolicy.parse("0:1", "dense", 2)
+    timesteps = np.array([900, 700, 500, 300, 100])
+    for k, pruned, expected in ((1.0, True, "pruned"), (0.0, True, "dense"), (1.3, False, "dense")):
+        steps = PolicySteps(policy, k, timesteps, pruned)
+        assert [steps.plan(t) for t in timesteps] == [expected] * 5
+    steps = PolicySteps(policy, 1.3, timesteps)
+    assert [steps.plan(t) for t in timesteps[:1]] == ["both"]

@@ -157,7 +157,8 @@ def open_folder(path: Path, locate: Callable[[str], Path] | None = None) -> Pipe
         raise PipelineFolderError(f"{path / RECORD} is damaged ({type(exc).__name__}: {exc}); re-bake the "
                                   "folder") from None
     _check_model_index(path, needed)
-    missing = [name for name in (*(f"{c}/{MODEL_FILE}" for c in needed), *files) if not locate(name).is_file()]
+    wanted = dict.fromkeys([*(f"{c}/{MODEL_FILE}" for c in needed), *files])  # each once, in order
+    missing = [name for name in wanted if not locate(name).is_file()]
     if missing:
         raise PipelineFolderError(f"{locate(missing[0])} is missing{_more(missing)}; the pipeline folder is "
                                   "incomplete: copy it whole or re-bake it")
@@ -186,6 +187,8 @@ def _check_record(record: dict) -> tuple[str, dict[str, str]]:
         raise ValueError("resolution and resolution_range must hold positive integer pixel sizes")
     float(record["k"])
     PoaPolicy.from_dict(record["poa"])
+    if not isinstance(record.get("poa_switch", False), bool):
+        raise ValueError(f"poa_switch is {record['poa_switch']!r}, not true or false")
     str(record["family"]), str(record["base_model"]), dict(record["ratios"]), dict(record["thresholds"])
     return layout, files
 

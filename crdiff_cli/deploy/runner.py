@@ -21,14 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from crdiff_cli import defaults
-from crdiff_cli.deploy.folder import TOKENIZERS, PipelineFolder, components, open_folder, read_json, vae_scale
+from crdiff_cli.deploy.folder import (RECORD, TOKENIZERS, PipelineFolder, PipelineFolderError, components, open_folder,
+                                      read_json, vae_scale)
 from crdiff_cli.errors import CrdiffError, ParameterError
 
 
-def check_request(folder: PipelineFolder, height: int | None, width: int | None, scheduler: str | None):
+def check_request(folder: PipelineFolder, height: int | None, width: int | None, scheduler: str | None,
+                  steps: int = defaults.STEPS):
     """``(height, width, scheduler)`` of a request on ``folder``, checked before any model runs: the size (the
     baked one by default) a multiple of the VAE's scale and inside the range the folder was exported for, and
-    a scheduler with a numpy twin (a ``--scheduler`` name, None for the base model's)."""
+    a scheduler with a numpy twin (a ``--scheduler`` name, None for the base model's), its timesteps set for
+    ``steps``."""
     from crdiff_cli.deploy.schedulers import make_scheduler
 
     record = folder.record
@@ -39,14 +42,34 @@ def check_request(folder: PipelineFolder, height: int | None, width: int | None,
     for axis, (name, value) in enumerate((("height", height), ("width", width))):
         if value < scale or value % scale:
             raise ParameterError(name, value, f"must be a positive multiple of {scale}")
-        if not limits["min"][axis] <= value <= limits["max"][axis]:
-            raise ParameterError(name, value, f"is outside the {limits['min'][axis]}..{limits['max'][axis]} pixels "
-                                 f"this folder was exported for (baked at {baked['height']}x{baked['width']}); "
-                                 "re-bake it with --res near the size you need")
+    low, high = limits["min"], limits["max"]
+    if not (low[0] <= height <= high[0] and low[1] <= width <= high[1]):
+        raise CrdiffError(f"{height}x{width} (HxW) is outside the sizes this folder was exported for, {low[0]}x{low[1]} "
+                          f"to {high[0]}x{high[1]} (baked at {baked['height']}x{baked['width']}); pick a size inside "
+                          "or re-bake it with --res near the size you need")
     try:
-        return height, width, make_scheduler(scheduler, folder.scheduler_config())
+        sampler = make_scheduler(scheduler, folder.scheduler_config())
+        sampler.set_timesteps(steps)
     except ValueError as exc:
         raise CrdiffError(str(exc)) from None
+    _dry_run(sampler, steps)
+    if folder.sdxl:
+        sampler.set_begin_index(0)  # as StableDiffusionXLPipeline does (SD1.x/2.x pipelines do not)
+    return height, width, sampler
+
+
+def _dry_run(sampler, steps: int) -> None:
+    """Step the schedule through on a 1-element latent, so a step count it cannot make (PNDM or DPM++ at as
+    many steps as training timesteps, where diffusers fails too) is one error before any model runs; then
+    reset it."""
+    probe = np.zeros((1, 1, 1, 1), dtype=np.float32)
+    try:
+        for t in sampler.timesteps:
+            sampler.step(probe, t, sampler.scale_model_input(probe, t), noise=lambda shape: np.zeros(shape, np.float32))
+    except (ValueError, IndexError) as exc:
+        raise CrdiffError(f"the {sampler.name} scheduler cannot make {steps} steps on this model's schedule ({exc}); "
+                          "use fewer steps") from None
+    sampler.set_timesteps(steps)
 
 
 def check_policy(folder: PipelineFolder, poa=None):
@@ -58,6 +81,23 @@ def check_policy(folder: PipelineFolder, poa=None):
         raise CrdiffError(f"this folder's UNet always runs both passes; POA {policy.describe()} needs a folder baked "
                           "with a POA policy (crdiff bake --format onnx-pipeline --poa-...)")
     return policy
+
+
+def check_unet_metadata(folder: PipelineFolder, unet) -> None:
+    """Refuse a record whose k or POA switch is not the UNet graph's (``crdiff.json`` is the one file without a
+    digest; the graph carries its own metadata table). Runtimes without a session (Triton) are not checked."""
+    import json
+
+    session = getattr(unet, "session", None)
+    if session is None:
+        return
+    table = session.get_modelmeta().custom_metadata_map
+    graph_k = float(table.get("crdiff.k", "nan"))
+    switch = bool(json.loads(table.get("crdiff.poa", "{}")).get("switch", False))
+    if graph_k != folder.k or switch != folder.poa_switch:
+        raise PipelineFolderError(f"{folder.path / RECORD} says k={folder.k:g} and poa_switch={folder.poa_switch}, "
+                                  f"but its UNet graph was baked with k={graph_k:g} and poa_switch={switch}: the "
+                                  "record was edited or belongs to another folder; re-bake the folder")
 
 
 class OnnxCrdiffPipeline:
@@ -92,14 +132,13 @@ class OnnxCrdiffPipeline:
 
         needed = [c for c in components(folder.layout) if c != "vae_encoder"]  # text-to-image does not encode
         opened = {c: models(c, folder.model(c)) for c in needed}
+        check_unet_metadata(folder, opened["unet"])
         tokenizers = {c: ClipTokenizer(folder.path / TOKENIZERS[c]) for c in opened if c in TOKENIZERS}
         return cls(folder, opened, tokenizers)
 
     def denoising_calls(self, steps: int, scheduler: str | None = None) -> int:
         """UNet calls per image for ``steps`` (PNDM makes one more), for progress display."""
-        _, _, sampler = check_request(self.folder, None, None, scheduler)
-        sampler.set_timesteps(steps)
-        return len(sampler.timesteps)
+        return len(check_request(self.folder, None, None, scheduler, steps)[2].timesteps)
 
     @property
     def provider(self) -> str:
@@ -122,14 +161,8 @@ class OnnxCrdiffPipeline:
         seeds = [seeds] * len(prompts) if isinstance(seeds, int) else list(seeds)
         if len(seeds) != len(prompts):
             raise ParameterError("seeds", len(seeds), f"must give one seed per prompt ({len(prompts)})")
-        height, width, sampler = check_request(self.folder, height, width, scheduler)
+        height, width, sampler = check_request(self.folder, height, width, scheduler, steps)
         policy = check_policy(self.folder, poa)
-        try:
-            sampler.set_timesteps(steps)
-        except ValueError as exc:
-            raise CrdiffError(str(exc)) from None
-        if self.folder.sdxl:
-            sampler.set_begin_index(0)  # as StableDiffusionXLPipeline does (SD1.x/2.x pipelines do not)
         guided = guidance > 1 and self.unet_config.get("time_cond_proj_dim") is None
         conditioning = self._encode(prompts, negative_prompt, guided, height, width)
         generators = [TorchCpuGenerator(seed) for seed in seeds]
@@ -146,7 +179,8 @@ class OnnxCrdiffPipeline:
         unet = self.models["unet"]
         scalar = self.folder.record.get("unet_conventions") == "tensorrt"  # the demo's scalar timestep
         kept = unet.keep(**conditioning)  # the same at every step: on the device once (GPU providers)
-        steps_of = PolicySteps(policy, self.folder.k, sampler.timesteps) if self.folder.poa_switch else None
+        pruned = any(t is not None for t in self.folder.record["thresholds"].values())
+        steps_of = PolicySteps(policy, self.folder.k, sampler.timesteps, pruned) if self.folder.poa_switch else None
         for t in sampler.timesteps:
             model_input = np.concatenate([latents, latents]) if guided else latents
             model_input = sampler.scale_model_input(model_input, t)

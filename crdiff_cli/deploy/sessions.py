@@ -40,14 +40,30 @@ def providers_for(provider: str | None) -> list[str]:
     return [PROVIDERS[provider]] + [p for p in fallbacks if p in available]
 
 
-def with_settings(providers: list[str]) -> list:
-    """``providers`` as ``InferenceSession`` takes them: TensorRT with its engine cache in crdiff's cache folder
-    (``tensorrt-engines/``), so an engine is built once per model and shape profile, not in every process."""
-    from crdiff_cli.storage.cache import cache_dir
+def with_settings(providers: list[str], model: Path) -> list:
+    """``providers`` as ``InferenceSession`` takes them for ``model``: TensorRT with an engine cache of its own in
+    crdiff's cache folder, so an engine is built once per model and shape, not in every process.
 
-    engines = cache_dir() / "tensorrt-engines"
-    return [(p, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engines), "trt_timing_cache_enable": True,
-                 "trt_timing_cache_path": str(engines)}) if p == PROVIDERS["tensorrt"] else p for p in providers]
+    The folder is keyed by the model's bytes (the ``.onnx`` and its external data, SHA-256 cached by size and
+    modification time): ONNX Runtime names a cached engine by the file name and graph structure, not the weights,
+    so two folders' ``unet/model.onnx`` (other ratios, k or fine-tune) would otherwise share one engine.
+    """
+    if PROVIDERS["tensorrt"] not in providers:
+        return providers
+    import hashlib
+
+    from crdiff_cli.storage.cache import cache_dir
+    from crdiff_cli.storage.digest_cache import file_sha256
+
+    model = Path(model)
+    parts = [model, *(p for p in (model.with_name("model.onnx_data"), model.with_name(model.name + ".data"))
+                      if p.is_file())]
+    key = hashlib.sha256("".join(file_sha256(p) for p in parts).encode()).hexdigest()[:32]
+    engines = cache_dir() / "tensorrt-engines" / key
+    engines.mkdir(parents=True, exist_ok=True)
+    settings = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engines),
+                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(engines.parent)}
+    return [(p, settings) if p == PROVIDERS["tensorrt"] else p for p in providers]
 
 
 def session_options(fold_masks: bool = True, threads: int | None = None):
@@ -79,7 +95,7 @@ class Component:
 
         try:
             self.session = ort.InferenceSession(str(path), session_options(threads=threads),
-                                                providers=with_settings(providers))
+                                                providers=with_settings(providers, path))
         except Exception as exc:  # ORT raises its own Fail / InvalidGraph / NoSuchFile / NotImplemented types
             hint = "; this fp16 model needs a provider with fp16 kernels for its ops (cuda, tensorrt)" if (
                 dtype == "float16") else ""

@@ -59,7 +59,6 @@ def bake(
     from crdiff_cli.dual.options import check_k
     from crdiff_cli.exporters.artifacts import check_outputs, format_of, require_onnx
     from crdiff_cli.exporters.onnx_artifact import check_opset
-    from crdiff_cli.exporters.onnx_pipeline import check_pipeline_output
     from crdiff_cli.pipelines.lora import prepare_loras
     from crdiff_cli.pruning.profile_table import check_ratio_source
     from crdiff_cli.pruning.resolution import Resolution
@@ -75,18 +74,7 @@ def bake(
     warning = check_k(k)
     policy = poa_policy(poa_interval, poa_outside, poa_refresh)
     if kind == PIPELINE_FORMAT:
-        check_pipeline_output(out_path, overwrite)
-        if triton is not None:
-            from crdiff_cli.deploy.triton import REPOSITORY
-            from crdiff_cli.storage.atomic import check_output
-
-            if tensorrt_conventions:
-                raise CrdiffError("--triton cannot serve the TensorRT demo's scalar timestep (Triton declares no "
-                                  "scalar input with max_batch_size 0); drop --tensorrt-conventions or --triton")
-            inside = {out_path.resolve(), *out_path.resolve().parents} & {triton.resolve(), *triton.resolve().parents}
-            if out_path.resolve() in inside or triton.resolve() in inside:
-                raise CrdiffError(f"--out {out_path} and --triton {triton} overlap; write them to separate folders")
-            check_output(triton, overwrite, REPOSITORY)
+        _check_pipeline_outputs(out_path, triton, tensorrt_conventions, policy, overwrite)
     elif triton is not None or tensorrt_conventions:
         flag = "--triton" if triton is not None else "--tensorrt-conventions"
         raise CrdiffError(f"{flag} applies to pipeline folders; add --format onnx-pipeline")
@@ -129,6 +117,28 @@ def bake(
         warn("not verified (--no-verify)")
     files = ", ".join(f"{f} ({f.stat().st_size / 2**20:,.1f} MiB)" for f in result.files)
     out.print(f"wrote {files} in {result.export_seconds + result.verify_seconds:.1f} s")
+
+
+def _check_pipeline_outputs(out_path: Path, triton: Optional[Path], tensorrt_conventions: bool, policy,
+                            overwrite: bool) -> None:
+    """Refuse, before the model loads, what a pipeline folder (and its Triton repository) cannot be."""
+    from crdiff_cli.exporters.onnx_pipeline import check_pipeline_output
+
+    if tensorrt_conventions and not policy.is_full:
+        raise CrdiffError("--tensorrt-conventions makes the UNet the TensorRT demo feeds, which has no poa_pass input "
+                          "for a POA policy; drop one of them")
+    if triton is not None:
+        from crdiff_cli.deploy.triton import REPOSITORY
+        from crdiff_cli.storage.atomic import check_output
+
+        if tensorrt_conventions:
+            raise CrdiffError("--triton cannot serve the TensorRT demo's scalar timestep (Triton declares no scalar "
+                              "input with max_batch_size 0); drop --tensorrt-conventions or --triton")
+        ours, theirs = out_path.resolve(), triton.resolve()
+        if ours == theirs or ours in theirs.parents or theirs in ours.parents:
+            raise CrdiffError(f"--out {out_path} and --triton {triton} overlap; write them to separate folders")
+        check_output(triton, overwrite, REPOSITORY)
+    check_pipeline_output(out_path, overwrite)
 
 
 def _report_pipeline(result) -> None:

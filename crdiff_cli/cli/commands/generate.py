@@ -293,7 +293,7 @@ def _generate_from_folder(folder: Path, options: dict) -> None:
     resolution = Resolution.parse(options["res"] or f"{baked['height']}x{baked['width']}")
     settings = GenerationSettings(resolution, options["steps"], options["guidance"], options["negative_prompt"],
                                   options["scheduler"])
-    check_request(checked, resolution.height, resolution.width, settings.scheduler)
+    check_request(checked, resolution.height, resolution.width, settings.scheduler, settings.steps)
     policy = check_policy(checked, poa_policy(options["poa_interval"], options["poa_outside"], options["poa_refresh"],
                                               PoaPolicy.from_dict(checked.record["poa"])))
     providers_for(options["provider"])
