@@ -5,6 +5,7 @@
 - :mod:`.schedulers`: numpy twins of diffusers' schedulers.
 - :mod:`.torch_random`: PyTorch's CPU generator in numpy, so a seed gives the latents ``crdiff generate`` uses.
 - :mod:`.sessions`: ONNX Runtime sessions for the components, with IO binding for the UNet on GPU providers.
+- :mod:`.poa_steps`: a baked POA policy carried out step by step over the UNet's one-pass switch.
 - :mod:`.runner`: :class:`~crdiff_cli.deploy.runner.OnnxCrdiffPipeline`, load once and call per request.
 - :mod:`.triton`: a Triton Inference Server model repository around the same runner.
 
