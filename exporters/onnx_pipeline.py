@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crdiff_cli import __version__
-from crdiff_cli.deploy.folder import FORMAT, RECORD, TEXT_ENCODERS, TOKENIZERS, files_in, holds_only_ours
+from crdiff_cli.deploy.folder import FORMAT, RECORD, TEXT_ENCODERS, TOKENIZERS, holds_only_ours
 from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.errors import CrdiffError
 from crdiff_cli.exporters.metadata import ArtifactMetadata
 from crdiff_cli.exporters.onnx_artifact import DEFAULT_OPSET
 from crdiff_cli.pruning.resolution import Resolution
 from crdiff_cli.pruning.spec import PruneSpec
-from crdiff_cli.storage.atomic import OutputKind
+from crdiff_cli.storage.atomic import OutputKind, folder_files
 
 PIPELINE = OutputKind("baked pipeline folder", f"{RECORD} listing every file in it", holds_only_ours, folder=True)
 IMAGE_TOLERANCE = 2  # of 255: the folder's image against the live PyTorch pipeline's
@@ -59,15 +59,16 @@ def check_pipeline_output(out: Path, overwrite: bool) -> None:
 
 def bake_pipeline(loaded, spec: PruneSpec, *, k: float, resolution: Resolution, out: Path,
                   opset: int = DEFAULT_OPSET, verify: bool = True, overwrite: bool = False,
-                  on_stage=None, source: str | None = None, tensorrt_conventions: bool = False,
+                  on_stage=None, tensorrt_conventions: bool = False,
                   poa: PoaPolicy | None = None) -> PipelineBakeResult:
     """Write ``loaded``'s pipeline with CR-Diff (``spec``, ``k``) baked into its UNet as an ONNX folder ``out``.
 
     ``loaded`` is a :class:`~crdiff_cli.pipelines.loading.LoadedModel` (plain UNet, LoRAs fused); its models are
     left as they were. ``tensorrt_conventions`` gives the UNet the TensorRT demo's interface
     (:mod:`.tensorrt`). A partial ``poa`` policy is recorded and the UNet gets the one-pass switch, which the
-    runner drives step by step (:mod:`crdiff_cli.deploy.poa_steps`). Raises :class:`~crdiff_cli.exporters.validate.VerificationError` when ``verify`` finds a
-    mismatch, and then nothing is written.
+    runner drives step by step (:mod:`crdiff_cli.deploy.poa_steps`). Raises
+    :class:`~crdiff_cli.exporters.validate.VerificationError` when ``verify`` finds a mismatch, and then nothing
+    is written.
     """
     from crdiff_cli.exporters.bake import verify_artifact
     from crdiff_cli.exporters.onnx_artifact import check_opset, export_onnx
@@ -125,7 +126,7 @@ def bake_pipeline(loaded, spec: PruneSpec, *, k: float, resolution: Resolution, 
             if tensorrt_conventions:
                 apply_tensorrt_conventions(tmp / "unet" / "model.onnx")
             (tmp / "TENSORRT.md").write_text(_recipe(unet, vae, meta, tensorrt_conventions), encoding="utf-8")
-            record = _record(meta, layout, dtypes, source or loaded.source, tmp,
+            record = _record(meta, layout, dtypes, loaded.source, tmp,
                              "tensorrt" if tensorrt_conventions else None)
             _write_json(tmp / RECORD, record)
             if verify:
@@ -269,14 +270,15 @@ def _record(meta: ArtifactMetadata, layout: str, dtypes: dict[str, str], source:
     from crdiff_cli.deploy.folder import resolution_range
     from crdiff_cli.storage.digest_cache import file_sha256
 
-    files = {name: file_sha256(folder / name) for name in sorted(files_in(folder) - {RECORD})}
+    files = {name: file_sha256(folder / name) for name in sorted(folder_files(folder) - {RECORD})}
     resolution = meta.resolution
     return {"format": FORMAT, "crdiff_version": __version__, "family": meta.family, "layout": layout,
             "base_model": source,
             "base_unet_sha256": meta.base_unet_sha256, "unet_conventions": conventions or "onnxruntime",
             "resolution": {"height": resolution.height, "width": resolution.width},
             "resolution_range": resolution_range(resolution.height, resolution.width),
-            "k": meta.k, "poa": meta.poa.to_dict(), "poa_switch": meta.poa_switch, "thresholds": meta.spec.thresholds(), **meta.spec.to_dict(),
+            "k": meta.k, "poa": meta.poa.to_dict(), "poa_switch": meta.poa_switch,
+            "thresholds": meta.spec.thresholds(), **meta.spec.to_dict(),
             "components": {name: {"dtype": dtype} for name, dtype in dtypes.items()},
             "files": files}
 

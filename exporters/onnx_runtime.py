@@ -44,7 +44,8 @@ def open_session(path: Path, *, provider: str | None = None, fold_masks: bool = 
     if unverified:
         (warn or _warn)(unverified)
     try:
-        return ort.InferenceSession(str(path), session_options(fold_masks, threads), providers=with_settings(providers, path))
+        return ort.InferenceSession(str(path), session_options(fold_masks, threads),
+                                    providers=with_settings(providers, path))
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile types
         raise ArtifactError(f"ONNX Runtime cannot load {path} ({first_line(exc)}); the file or its external data "
                             "may be truncated or corrupt") from None

@@ -3,8 +3,9 @@
 The demo (TensorRT's ``demo/Diffusion``) names the UNet output ``latent`` and feeds ``timestep`` as a scalar;
 ``--tensorrt-conventions`` rewrites the exported graph's interface to match: the output is renamed and the
 scalar input is unsqueezed to the ``[1]`` the traced graph computes with (a ``Constant`` node holds the axes,
-so the initializers and their digest are untouched, and so is the computation). diffusers' ``OnnxStableDiffusionPipeline`` feeds a ``[1]``
-timestep, so a folder with these conventions is for TensorRT and crdiff's own runner.
+so the initializers and their digest are untouched, and so is the computation). diffusers'
+``OnnxStableDiffusionPipeline`` feeds a ``[1]`` timestep, so a folder with these conventions is for TensorRT and
+crdiff's own runner.
 
 :func:`recipe` is the ``TENSORRT.md`` written into every folder: building a strongly typed engine (precision
 from the ONNX file: bake with ``--dtype fp16``) with min/opt/max shapes around the baked resolution, with

@@ -378,8 +378,8 @@ def test_triton_casts_to_what_the_graphs_declare(tmp_path):
     grpc = pytest.importorskip("tritonclient.grpc")
     from google.protobuf import text_format
 
+    from crdiff_cli.deploy.sessions import cast_inputs
     from crdiff_cli.deploy.triton import MARKER
-    from crdiff_cli.deploy.triton_backend import cast_inputs
 
     repo = tmp_path / "repo"
     ok(invoke("bake", "--model", "tiny", "--res", "64x64", "--format", "onnx-pipeline", "--out", tmp_path / "f",

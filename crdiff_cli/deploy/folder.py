@@ -27,6 +27,7 @@ from pathlib import Path
 
 from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.errors import CrdiffError
+from crdiff_cli.storage.atomic import lists_every_file
 
 RECORD = "crdiff.json"
 FORMAT = "crdiff-onnx-pipeline/1"
@@ -113,25 +114,9 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def is_pipeline_folder(path: Path) -> bool:
-    """Whether ``path`` holds a ``crdiff.json`` of this format (a crdiff pipeline folder, maybe damaged)."""
-    try:
-        return read_json(Path(path) / RECORD).get("format", "").startswith("crdiff-onnx-pipeline/")
-    except CrdiffError:
-        return False
-
-
 def holds_only_ours(path: Path) -> bool:
     """A pipeline folder whose every file crdiff listed in its record (``--overwrite`` may replace it)."""
-    if not is_pipeline_folder(path):
-        return False
-    listed = set(read_json(Path(path) / RECORD).get("files", {})) | {RECORD}
-    return files_in(path) <= listed
-
-
-def files_in(folder: Path) -> set[str]:
-    """Every file (or link) under ``folder``, as POSIX paths relative to it."""
-    return {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file() or p.is_symlink()}
+    return lists_every_file(path, RECORD, "crdiff-onnx-pipeline/")
 
 
 def open_folder(path: Path, locate: Callable[[str], Path] | None = None) -> PipelineFolder:

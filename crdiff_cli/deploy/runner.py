@@ -23,6 +23,7 @@ import numpy as np
 from crdiff_cli import defaults
 from crdiff_cli.deploy.folder import (RECORD, TOKENIZERS, PipelineFolder, PipelineFolderError, components, open_folder,
                                       read_json, vae_scale)
+from crdiff_cli.dual.poa_policy import PoaPolicy
 from crdiff_cli.errors import CrdiffError, ParameterError
 
 
@@ -39,29 +40,31 @@ def check_request(folder: PipelineFolder, height: int | None, width: int | None,
     scale = vae_scale(folder.config("vae_decoder"))
     height = int(baked["height"]) if height is None else height
     width = int(baked["width"]) if width is None else width
-    for axis, (name, value) in enumerate((("height", height), ("width", width))):
-        if value < scale or value % scale:
-            raise ParameterError(name, value, f"must be a positive multiple of {scale}")
+    if min(height, width) < scale or height % scale or width % scale:
+        raise CrdiffError(f"{height}x{width} (HxW): both sides must be positive multiples of {scale}")
     low, high = limits["min"], limits["max"]
     if not (low[0] <= height <= high[0] and low[1] <= width <= high[1]):
-        raise CrdiffError(f"{height}x{width} (HxW) is outside the sizes this folder was exported for, {low[0]}x{low[1]} "
-                          f"to {high[0]}x{high[1]} (baked at {baked['height']}x{baked['width']}); pick a size inside "
-                          "or re-bake it with --res near the size you need")
+        raise CrdiffError(f"{height}x{width} (HxW) is outside the sizes this folder was exported for, "
+                          f"{low[0]}x{low[1]} to {high[0]}x{high[1]} (baked at {baked['height']}x{baked['width']}); "
+                          "pick a size inside or re-bake it with --res near the size you need")
+    def start() -> None:  # a run's timesteps, as the pipelines set them
+        sampler.set_timesteps(steps)
+        if folder.sdxl:
+            sampler.set_begin_index(0)  # as StableDiffusionXLPipeline does (SD1.x/2.x pipelines do not)
+
     try:
         sampler = make_scheduler(scheduler, folder.scheduler_config())
-        sampler.set_timesteps(steps)
+        start()
     except ValueError as exc:
         raise CrdiffError(str(exc)) from None
     _dry_run(sampler, steps)
-    if folder.sdxl:
-        sampler.set_begin_index(0)  # as StableDiffusionXLPipeline does (SD1.x/2.x pipelines do not)
+    start()
     return height, width, sampler
 
 
 def _dry_run(sampler, steps: int) -> None:
     """Step the schedule through on a 1-element latent, so a step count it cannot make (PNDM or DPM++ at as
-    many steps as training timesteps, where diffusers fails too) is one error before any model runs; then
-    reset it."""
+    many steps as training timesteps, where diffusers fails too) is one error before any model runs."""
     probe = np.zeros((1, 1, 1, 1), dtype=np.float32)
     try:
         for t in sampler.timesteps:
@@ -69,13 +72,10 @@ def _dry_run(sampler, steps: int) -> None:
     except (ValueError, IndexError) as exc:
         raise CrdiffError(f"the {sampler.name} scheduler cannot make {steps} steps on this model's schedule ({exc}); "
                           "use fewer steps") from None
-    sampler.set_timesteps(steps)
 
 
 def check_policy(folder: PipelineFolder, poa=None):
     """The POA policy a request runs: ``poa``, else the folder's; a partial one needs the one-pass switch."""
-    from crdiff_cli.dual.poa_policy import PoaPolicy
-
     policy = poa or PoaPolicy.from_dict(folder.record["poa"])
     if not policy.is_full and not folder.poa_switch:
         raise CrdiffError(f"this folder's UNet always runs both passes; POA {policy.describe()} needs a folder baked "
@@ -109,15 +109,18 @@ class OnnxCrdiffPipeline:
         self.tokenizers = tokenizers  # text encoder name -> callable(prompts) -> int64 ids
         self.index = read_json(folder.path / "model_index.json")
         self.unet_config = folder.config("unet")
-        vae = folder.config("vae_decoder")
-        self.vae_config = vae
-        self.vae_scale = vae_scale(vae)
+        self.vae_config = folder.config("vae_decoder")
+        self.vae_scale = vae_scale(self.vae_config)
+        # SDXL conditions on each text encoder's penultimate hidden state
+        self.penultimate = {e: f"hidden_states.{folder.config(e)['num_hidden_layers'] - 1}"
+                            for e in models if e in TOKENIZERS} if folder.sdxl else {}
 
     @classmethod
-    def from_folder(cls, path: Path | str, *, provider: str | None = None, threads: int | None = None,
+    def from_folder(cls, path: Path | str | PipelineFolder, *, provider: str | None = None, threads: int | None = None,
                     bind: bool | None = None, locate: Callable[[str], Path] | None = None,
                     models: Callable[[str, Path], Callable] | None = None) -> "OnnxCrdiffPipeline":
-        """Check the folder at ``path`` (:func:`~crdiff_cli.deploy.folder.open_folder`) and open its sessions on
+        """Check the folder at ``path`` (:func:`~crdiff_cli.deploy.folder.open_folder`; a folder already checked is
+        taken as it is) and open its sessions on
         ``provider`` (tensorrt, cuda or cpu; default the best available). ``bind`` forces IO binding on or off
         (default: on for GPU providers). ``locate`` and ``models(component, path)`` serve other layouts and
         runtimes (a Triton repository, its models called through Triton)."""
@@ -125,7 +128,7 @@ class OnnxCrdiffPipeline:
         from crdiff_cli.deploy.tokenizer import ClipTokenizer
 
         providers = providers_for(provider) if models is None else None  # a bad --provider before the digests
-        folder = open_folder(Path(path), locate)
+        folder = path if isinstance(path, PipelineFolder) else open_folder(Path(path), locate)
         if models is None:
             def models(component: str, model: Path) -> Component:
                 return Component(model, providers, threads, bind, folder.dtype(component))
@@ -221,9 +224,8 @@ class OnnxCrdiffPipeline:
         """Both encoders' penultimate hidden states side by side, and the second encoder's pooled projection."""
         hidden, pooled = [], None
         for encoder in ("text_encoder", "text_encoder_2"):
-            layers = self.folder.config(encoder)["num_hidden_layers"]
             outputs = self._text(encoder, prompts)
-            hidden.append(outputs[f"hidden_states.{layers - 1}"])
+            hidden.append(outputs[self.penultimate[encoder]])
             pooled = outputs.get("text_embeds")
         return np.concatenate(hidden, axis=-1), pooled
 

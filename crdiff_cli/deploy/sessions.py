@@ -56,8 +56,7 @@ def with_settings(providers: list[str], model: Path) -> list:
     from crdiff_cli.storage.digest_cache import file_sha256
 
     model = Path(model)
-    parts = [model, *(p for p in (model.with_name("model.onnx_data"), model.with_name(model.name + ".data"))
-                      if p.is_file())]
+    parts = sorted(model.parent.glob(model.name + "*"))  # NAME.onnx with NAME.onnx.data or model.onnx_data
     key = hashlib.sha256("".join(file_sha256(p) for p in parts).encode()).hexdigest()[:32]
     engines = cache_dir() / "tensorrt-engines" / key
     engines.mkdir(parents=True, exist_ok=True)
@@ -111,10 +110,10 @@ class Component:
         to the device once, else cast once."""
         import onnxruntime as ort
 
+        cast = cast_inputs(self.inputs, arrays)
         if self.bind:
-            return {name: ort.OrtValue.ortvalue_from_numpy(self._cast(name, a), self.device, 0)
-                    for name, a in arrays.items()}
-        return {name: self._cast(name, a) for name, a in arrays.items()}
+            return {name: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for name, a in cast.items()}
+        return cast
 
     def __call__(self, kept: dict | None = None, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         kept = kept or {}
@@ -124,19 +123,22 @@ class Component:
                               "folder's graphs do not match this crdiff: re-bake it")
         if self.bind:
             return self._run_bound(kept, feeds)
-        results = self.session.run(None, {**kept, **{name: self._cast(name, a) for name, a in feeds.items()}})
+        results = self.session.run(None, {**kept, **cast_inputs(self.inputs, feeds)})
         return {name: np.asarray(r, dtype=np.float32) for name, r in zip(self.outputs, results)}
 
     def _run_bound(self, kept: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         binding = self.session.io_binding()
         for name, value in kept.items():
             binding.bind_ortvalue_input(name, value)
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, self._cast(name, array))
+        for name, array in cast_inputs(self.inputs, feeds).items():
+            binding.bind_cpu_input(name, array)
         for name in self.outputs:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         return {name: np.asarray(r, dtype=np.float32) for name, r in zip(self.outputs, binding.copy_outputs_to_cpu())}
 
-    def _cast(self, name: str, array: np.ndarray) -> np.ndarray:
-        return np.require(array, dtype=self.inputs[name], requirements="C")  # keeps a 0-d timestep 0-d
+
+def cast_inputs(input_types: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` in the dtypes a graph declares (``input_types``: name -> numpy dtype or its name), contiguous, a
+    0-d timestep kept 0-d (``np.ascontiguousarray`` would make it 1-d)."""
+    return {name: np.require(array, dtype=input_types[name], requirements="C") for name, array in feeds.items()}

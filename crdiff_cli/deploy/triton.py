@@ -29,13 +29,12 @@ import os
 import shutil
 from pathlib import Path
 
-from crdiff_cli.deploy.folder import DATA_FILE, MODEL_FILE, RECORD, components, files_in, open_folder
+from crdiff_cli.deploy.folder import DATA_FILE, MODEL_FILE, RECORD, components, open_folder
 from crdiff_cli.errors import CrdiffError
-from crdiff_cli.storage.atomic import OutputKind
+from crdiff_cli.storage.atomic import OutputKind, folder_files, lists_every_file
 
 MARKER = "crdiff_triton.json"  # the repository's record: crdiff's files, each model's outputs and input types
-TRITON_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(int64)": "TYPE_INT64",
-                "tensor(int32)": "TYPE_INT32"}
+TRITON_TYPES = {"FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32"}  # from ONNX
 # The Python model's request: prompt is required, the rest default as `crdiff generate` does (0 = the default).
 REQUEST = (("prompt", "TYPE_STRING", False), ("negative_prompt", "TYPE_STRING", True), ("seed", "TYPE_INT64", True),
            ("steps", "TYPE_INT32", True), ("guidance", "TYPE_FP32", True), ("height", "TYPE_INT32", True),
@@ -46,16 +45,8 @@ from crdiff_cli.deploy.triton_backend import TritonPythonModel  # noqa: F401
 '''
 
 
-def _is_repository(path: Path) -> bool:
-    """A repository crdiff wrote that holds only the files it lists (``--overwrite`` may replace it)."""
-    try:
-        listed = set(json.loads((Path(path) / MARKER).read_text(encoding="utf-8"))["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return files_in(path) <= listed | {MARKER}
-
-
-REPOSITORY = OutputKind("Triton model repository", f"{MARKER} listing every file in it", _is_repository, folder=True)
+REPOSITORY = OutputKind("Triton model repository", f"{MARKER} listing every file in it",
+                        lambda path: lists_every_file(path, MARKER, "crdiff-triton/"), folder=True)
 
 
 def model_name(name: str, component: str) -> str:
@@ -86,8 +77,8 @@ def write_repository(folder: Path, out: Path, *, name: str = "crdiff", overwrite
 
     checked = open_folder(folder)
     if checked.record.get("unet_conventions") == "tensorrt":
-        raise CrdiffError("a folder with the TensorRT demo's scalar timestep cannot be served by Triton (max_batch_size "
-                          "0 allows no scalar input); bake it without --tensorrt-conventions for --triton")
+        raise CrdiffError("a folder with the TensorRT demo's scalar timestep cannot be served by Triton "
+                          "(max_batch_size 0 allows no scalar input); bake it without --tensorrt-conventions")
     models = [model_name(name, c) for c in components(checked.layout)] + [name]
     with atomic_path(out, overwrite, kind=REPOSITORY, directory=True) as tmp:
         locate = locate_in(tmp, name)
@@ -103,29 +94,32 @@ def write_repository(folder: Path, out: Path, *, name: str = "crdiff", overwrite
         record = {"format": "crdiff-triton/1", "name": name, "models": models,
                   "outputs": {model: outputs for model, (_, outputs) in graphs.items()},
                   "input_types": {model: inputs for model, (inputs, _) in graphs.items()},
-                  "files": sorted(files_in(tmp) | {MARKER})}
+                  "files": sorted(folder_files(tmp) | {MARKER})}
         _write_text(tmp / MARKER, json.dumps(record, indent=2) + "\n")
     return models
+
+
+def graph_inputs(path: Path):
+    """The graph of the ONNX model at ``path`` (weights not read) and its inputs (initializers left out)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    return graph, [v for v in graph.input if v.name not in initializers]
 
 
 def graph_interface(path: Path) -> tuple[dict[str, str], list[str]]:
     """The graph's inputs with their numpy dtype names, and its output names."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    inputs = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
-              for v in graph.input if v.name not in initializers}
-    return inputs, [o.name for o in graph.output]
+    graph, inputs = graph_inputs(path)
+    types = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name for v in inputs}
+    return types, [o.name for o in graph.output]
 
 
 def onnx_config(model: str, path: Path) -> str:
     """``config.pbtxt`` of an ONNX model: its inputs and outputs as the graph declares them."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    inputs = [v for v in graph.input if v.name not in initializers]
+    graph, inputs = graph_inputs(path)
     lines = [f'name: "{model}"', 'backend: "onnxruntime"', "max_batch_size: 0"]
     for kind, values in (("input", inputs), ("output", graph.output)):
         entries = [_tensor_entry(v) for v in values]
@@ -137,13 +131,9 @@ def _tensor_entry(value) -> str:
     import onnx
 
     tensor = value.type.tensor_type
-    dtype = TRITON_TYPES[f"tensor({_ort_name(onnx.TensorProto.DataType.Name(tensor.elem_type))})"]
+    dtype = TRITON_TYPES[onnx.TensorProto.DataType.Name(tensor.elem_type)]
     dims = [str(d.dim_value) if d.HasField("dim_value") else "-1" for d in tensor.shape.dim]
     return f'  {{ name: "{value.name}" data_type: {dtype} dims: [ {", ".join(dims)} ] }}'
-
-
-def _ort_name(onnx_name: str) -> str:
-    return {"FLOAT": "float", "FLOAT16": "float16", "INT64": "int64", "INT32": "int32"}[onnx_name]
 
 
 def python_config(name: str) -> str:

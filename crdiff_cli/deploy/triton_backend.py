@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from crdiff_cli import defaults
+from crdiff_cli.deploy.sessions import cast_inputs
 
 
 class TritonPythonModel:
@@ -88,7 +89,3 @@ class TritonModel:
         return {n: np.asarray(pb.get_output_tensor_by_name(response, n).as_numpy(), dtype=np.float32)
                 for n in self.outputs}
 
-
-def cast_inputs(input_types: dict[str, str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``feeds`` in the dtypes the graph declares (``input_types``: numpy dtype names), as Triton checks them."""
-    return {name: np.require(array, dtype=input_types[name], requirements="C") for name, array in feeds.items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from crdiff_cli.pipelines.loading import PRUNE_RECORD, LoadedModel
-from crdiff_cli.storage.atomic import OutputKind, atomic_path
+from crdiff_cli.storage.atomic import OutputKind, atomic_path, folder_files, lists_every_file
 
 if TYPE_CHECKING:
     from crdiff_cli.pruning.spec import PruneSpec
@@ -19,21 +19,9 @@ if TYPE_CHECKING:
 RECORD_FORMAT = "crdiff-prune/1"
 
 
-def folder_files(folder: Path) -> set[str]:
-    """Every file (or link) under ``folder``, as POSIX paths relative to it."""
-    return {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file() or p.is_symlink()}
-
-
 def is_prune_output(folder: Path) -> bool:
     """A folder ``crdiff prune`` wrote that holds only what it wrote (its record lists those files)."""
-    try:
-        record = json.loads((Path(folder) / PRUNE_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(record, dict) or not str(record.get("format", "")).startswith("crdiff-prune/"):
-        return False
-    listed = record.get("files")
-    return isinstance(listed, list) and folder_files(folder) <= set(map(str, listed)) | {PRUNE_RECORD}
+    return lists_every_file(folder, PRUNE_RECORD, "crdiff-prune/")
 
 
 PRUNED = OutputKind("pruned model folder", f"{PRUNE_RECORD} listing every file in it; a folder from a crdiff that did "

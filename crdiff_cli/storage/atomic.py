@@ -67,6 +67,26 @@ def json_marker(path: Path, format_prefix: str) -> bool:
     return isinstance(data, dict) and str(data.get("format", "")).startswith(format_prefix)
 
 
+def folder_files(folder: Path) -> set[str]:
+    """Every file (or link) under ``folder``, as POSIX paths relative to it."""
+    return {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def lists_every_file(folder: Path, record: str, format_prefix: str) -> bool:
+    """Whether ``folder`` is a crdiff output whose JSON ``record`` (``"format"`` starting with ``format_prefix``)
+    lists, under ``"files"``, every file now in it: one with a file a user added since is not crdiff's to replace."""
+    import json
+
+    try:
+        data = json.loads((Path(folder) / record).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict) or not str(data.get("format", "")).startswith(format_prefix):
+        return False
+    listed = data.get("files")
+    return isinstance(listed, (list, dict)) and folder_files(folder) <= set(map(str, listed)) | {record}
+
+
 def check_output(path: Path, overwrite: bool, kind: OutputKind) -> None:
     """Refuse an output that cannot or must not be written; also clears stale staging in its folder."""
     path = Path(path)

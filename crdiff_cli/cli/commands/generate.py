@@ -71,8 +71,19 @@ def generate(
     --init-image and --mask-image use diffusers' matching pipeline around the same dual UNet.
     Many GPUs: torchrun --nproc-per-node N -m crdiff_cli generate ... (docs/distributed.md).
     """
+    flags = dict(locals())  # every option as given, for --pipeline's own checks
+    from crdiff_cli.pipelines.prompts import read_prompts
+    from crdiff_cli.validation import check_prompt
+
+    if (prompt is None) == (prompts_file is None):
+        raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
+    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompts(prompts_file)
+    check_prompt("--negative-prompt", negative_prompt, empty_ok=True)
+    if num_images < 1:
+        raise CrdiffError(f"--num-images {num_images} must be at least 1")
+    seeds = list(range(seed, seed + num_images))
     if pipeline is not None:
-        return _generate_from_folder(pipeline, {key: value for key, value in locals().items() if key != "pipeline"})
+        return _generate_from_folder(pipeline, prompts, seeds, flags)
     if model is None:
         raise CrdiffError("pass --model NAME_OR_PATH (or --pipeline DIR for a baked ONNX pipeline folder)")
     from crdiff_cli.dual.options import MASK_MODES, check_k
@@ -81,12 +92,11 @@ def generate(
     from crdiff_cli.pipelines.image_folder import IMAGES
     from crdiff_cli.pipelines.loading import torch_dtype
     from crdiff_cli.pipelines.lora import prepare_loras
-    from crdiff_cli.pipelines.prompts import read_prompts
     from crdiff_cli.pruning.profile_table import check_ratio_source, get_profile
     from crdiff_cli.pruning.ratios import Ratios
     from crdiff_cli.pruning.resolution import Resolution
     from crdiff_cli.storage.atomic import check_output
-    from crdiff_cli.validation import check_device, check_prompt
+    from crdiff_cli.validation import check_device
 
     meta = _artifact_metadata(artifact, res, provider, ort_fold_masks)
     policy = poa_policy(poa_interval, poa_outside, poa_refresh, meta.poa if meta is not None else None)
@@ -94,10 +104,6 @@ def generate(
         raise CrdiffError("--poa-interval, --poa-refresh and --trace-poa shape CR-Diff's steps; --dense has none: "
                           "drop one or the other")
     resolution = Resolution.parse(res) if res is not None else meta.resolution
-    if (prompt is None) == (prompts_file is None):
-        raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
-    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompts(prompts_file)
-    check_prompt("--negative-prompt", negative_prompt, empty_ok=True)
     warning = check_k(k) if k is not None else None
     check_ratio_source(ratios=ratios, profile=profile, resolution=resolution)
     if masks not in MASK_MODES:
@@ -111,8 +117,6 @@ def generate(
         if artifact.suffix == ".safetensors" and meta.dtype == "float16":
             dtype = dtype or "fp16"
     dtype = dtype or "fp32"
-    if num_images < 1:
-        raise CrdiffError(f"--num-images {num_images} must be at least 1")
     if dense and compare:
         raise CrdiffError("--dense and --compare together make no sense; --compare already includes the dense image")
     inputs = ImageInputs(controlnet, control_image, control_scale, init_image, strength, mask_image)
@@ -158,7 +162,6 @@ def generate(
         from crdiff_cli.dual.poa_steps import PoaTrace
 
         loaded.pipe.unet.poa.trace = PoaTrace()
-    seeds = list(range(seed, seed + num_images))
     from crdiff_cli.pipelines.image_folder import clear_image_folder
 
     # empty, or a previous output that --overwrite replaces (check_output made sure); on rank 0, which writes
@@ -260,7 +263,7 @@ _NOT_WITH_PIPELINE = {"model": None, "k": None, "ratios": None, "profile": None,
                       "strength": None, "mask_image": None}
 
 
-def _generate_from_folder(folder: Path, options: dict) -> None:
+def _generate_from_folder(folder: Path, prompts: list[str], seeds: list[int], options: dict) -> None:
     """``generate --pipeline DIR``: the folder's images with the torch-free runner (no torch, diffusers or
     transformers is imported), written as the live path writes them."""
     from crdiff_cli.deploy.folder import open_folder
@@ -269,24 +272,17 @@ def _generate_from_folder(folder: Path, options: dict) -> None:
     from crdiff_cli.dual.poa_policy import PoaPolicy
     from crdiff_cli.pipelines.generation import GenerationSettings
     from crdiff_cli.pipelines.image_folder import IMAGES, clear_image_folder
-    from crdiff_cli.pipelines.prompts import read_prompts
     from crdiff_cli.pipelines.to_folder import generate_to_folder
+    from crdiff_cli.pruning.ratios import Ratios
     from crdiff_cli.pruning.resolution import Resolution
     from crdiff_cli.storage.atomic import check_output, write_errors
-    from crdiff_cli.validation import check_prompt
 
     given = [name for name, unset in _NOT_WITH_PIPELINE.items() if options[name] not in (unset, [])]
     if given:
         flag = "--" + given[0].replace("_", "-").replace("ort-fold-masks", "no-ort-fold-masks")
         raise CrdiffError(f"{flag} does not apply to --pipeline: the folder brings its model, k, ratios and dtype; "
                           "drop it, or use --model / --artifact for the live PyTorch path")
-    prompt, prompts_file, out_dir = options["prompt"], options["prompts_file"], options["out_dir"]
-    if (prompt is None) == (prompts_file is None):
-        raise CrdiffError("pass exactly one of --prompt TEXT or --prompts FILE")
-    prompts = [check_prompt("--prompt", prompt)] if prompt is not None else read_prompts(prompts_file)
-    check_prompt("--negative-prompt", options["negative_prompt"], empty_ok=True)
-    if options["num_images"] < 1:
-        raise CrdiffError(f"--num-images {options['num_images']} must be at least 1")
+    out_dir = options["out_dir"]
     with err.status(f"checking {folder}"):
         checked = open_folder(folder)
     baked = checked.record["resolution"]
@@ -300,12 +296,12 @@ def _generate_from_folder(folder: Path, options: dict) -> None:
     check_output(out_dir, options["overwrite"], IMAGES)
 
     with err.status(f"loading {folder}"):
-        runner = OnnxCrdiffPipeline.from_folder(folder, provider=options["provider"])
-    info = {"pipeline": str(folder), "model": checked.record["base_model"], "family": checked.family, "mode": "crdiff",
-            "k": checked.k, "ratios": str(checked.record["ratios"]), "thresholds": checked.record["thresholds"],
+        runner = OnnxCrdiffPipeline.from_folder(checked, provider=options["provider"])
+    record = checked.record
+    info = {"pipeline": str(folder), "model": record["base_model"], "family": checked.family, "mode": "crdiff",
+            "k": checked.k, "ratios": str(Ratios.from_dict(record["ratios"])), "thresholds": record["thresholds"],
             "dtype": checked.dtype("unet"), "provider": runner.provider, "runtime": "onnxruntime (torch-free)",
             "poa": policy.to_dict()}
-    seeds = list(range(options["seed"], options["seed"] + options["num_images"]))
     if out_dir.is_dir():
         clear_image_folder(out_dir)
     with progress_bars() as bars, write_errors(out_dir):
